@@ -1,0 +1,219 @@
+"""Saving and resuming through any engine, with the shared rules of `layout` around the engine's files.
+
+save:   rank 0 makes `.tmp-<tag>`; the engine writes into it (collective); the ranks hash the files
+        between them; rank 0 writes meta.json, renames the tag into place, then replaces `latest`,
+        then rotates. Any failure on any rank is agreed on by all, the temporary folder is removed,
+        and earlier tags stay as they were.
+resume: trusts only complete tags whose sizes and checksums match; if `latest` names a damaged tag,
+        falls back to the newest intact one and says so.
+Imports: `scaletrain.dist`, `scaletrain.checkpoint.layout`, `scaletrain.config`, `scaletrain.errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from scaletrain import dist
+from scaletrain.checkpoint import layout
+from scaletrain.config import CheckpointConfig
+from scaletrain.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+def _agree(error: str | None) -> str | None:
+    """Collective. The first rank's error, if any rank had one, so every rank takes the same branch."""
+    errors = dist.all_gather_object(error)
+    for rank, err in enumerate(errors):
+        if err:
+            return f"rank {rank}: {err}"
+    return None
+
+
+def _hash_share(tag_dir: Path, names: list[str], rank: int, world: int) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in names[rank::world]:
+        f = tag_dir / name
+        out[name] = {"size": f.stat().st_size, "sha256": layout.file_digest(f)}
+    return out
+
+
+def distributed_digests(tag_dir: Path, names: list[str], ctx: dist.DistContext) -> dict[str, dict[str, Any]]:
+    """Collective. Size and sha256 of every file, the hashing split across ranks."""
+    share = _hash_share(tag_dir, names, ctx.rank, ctx.world_size)
+    merged: dict[str, dict[str, Any]] = {}
+    for part in dist.all_gather_object(share):
+        merged.update(part)
+    return merged
+
+
+class CheckpointManager:
+    def __init__(self, ckpt_dir: Path, cfg: CheckpointConfig, ctx: dist.DistContext) -> None:
+        self.dir, self.cfg, self.ctx = ckpt_dir, cfg, ctx
+        self._pending: Callable[[], None] | None = None  # finishes an async save
+        self.best: tuple[float, str] | None = None
+        if ctx.is_main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            layout.clean_tmp(ckpt_dir)
+            best = layout.read_pointer(ckpt_dir, layout.BEST_FILE)
+            meta = layout.read_meta(ckpt_dir / best) if best else None
+            if meta and meta.get("val_loss") is not None:
+                self.best = (float(meta["val_loss"]), best)
+        self.best = dist.broadcast_object(self.best)
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, engine: Any, step: int, client_state: dict[str, Any], meta: dict[str, Any]) -> bool:
+        """Collective. Returns True once the tag is committed (or queued, for an async save)."""
+        self.finish_pending()
+        tag = layout.tag_name(step)
+        tmp, final = layout.tmp_dir_for(self.dir, tag), self.dir / tag
+        started = time.perf_counter()
+        err = None
+        if self.ctx.is_main:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                err = f"cannot create {tmp}: {e.strerror or e}"
+        if (err := _agree(err)) is None:
+            try:
+                engine.save_checkpoint(tmp, client_state, async_save=self.cfg.async_save)
+            except OSError as e:
+                err = f"writing {tmp}: {e.strerror or e}"
+            err = _agree(err)
+        if err is not None:
+            return self._failed(tmp, err)
+
+        def finish() -> bool:
+            error = None
+            try:
+                engine.wait_for_save()
+            except OSError as e:
+                error = f"writing {tmp}: {e.strerror or e}"
+            if (error := _agree(error)) is None:
+                error = self._commit(tmp, final, step, {**meta, "save_seconds": time.perf_counter() - started})
+            return self._failed(tmp, error) if error else True
+
+        if self.cfg.async_save and engine.supports_async_save:
+            self._pending = finish
+            return True
+        return finish()
+
+    def finish_pending(self) -> None:
+        """Collective. Complete an async save in flight (before the next save, and at the end)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending()
+
+    def _commit(self, tmp: Path, final: Path, step: int, meta: dict[str, Any]) -> str | None:
+        """Collective. Hash, write meta.json, rename, point `latest`, rotate. Returns an error or None."""
+        err = None
+        names: list[str] = []
+        if self.ctx.is_main:
+            try:
+                names = layout.list_files(tmp)
+            except OSError as e:
+                err = str(e)
+        names = dist.broadcast_object(names)
+        try:
+            files = distributed_digests(tmp, names, self.ctx)
+        except OSError as e:
+            err, files = f"hashing {tmp}: {e.strerror or e}", {}
+        if (err := _agree(err)) is not None:
+            return err
+        if self.ctx.is_main:
+            try:
+                layout.fsync_tree(tmp, names)
+                layout.write_meta(tmp, {**meta, "step": step, "created": time.time()}, files)
+                layout.commit(tmp, final)
+                layout.write_atomic(self.dir / layout.LATEST_FILE, final.name + "\n")
+                self._update_best(final.name, meta.get("val_loss"))
+                protect = {self.best[1]} if self.best and self.cfg.keep_best else set()
+                for gone in layout.rotate(self.dir, self.cfg.keep_last, protect=protect):
+                    log.debug("rotated out %s", gone)
+            except OSError as e:
+                err = f"committing {final}: {e.strerror or e}"
+        err = _agree(err)
+        if err is None:
+            self.best = dist.broadcast_object(self.best)
+            log.info("saved checkpoint %s", final)
+        return err
+
+    def _update_best(self, tag: str, val_loss: float | None) -> None:
+        if val_loss is None or not self.cfg.keep_best:
+            return
+        if self.best is None or val_loss < self.best[0]:
+            self.best = (float(val_loss), tag)
+            layout.write_atomic(self.dir / layout.BEST_FILE, tag + "\n")
+
+    def _failed(self, tmp: Path, err: str) -> bool:
+        if self.ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        message = f"checkpoint save failed ({err}); earlier checkpoints are intact"
+        if self.cfg.on_error == "warn":
+            log.warning("%s; training goes on (checkpoint.on_error=warn)", message)
+            return False
+        raise CheckpointError(message + "; fix the cause or set checkpoint.on_error=warn")
+
+    # ------------------------------------------------------------------ resume
+
+    def _candidates(self) -> tuple[list[Path], str | None]:
+        """Tags to try, best first, and the name `latest` gave (for the fallback message)."""
+        choice = self.cfg.resume
+        if choice == "auto":
+            latest = layout.read_pointer(self.dir)
+            ordered = list(reversed(layout.tags(self.dir)))
+            if latest:
+                first = layout.safe_child(self.dir, latest)
+                ordered = [first] + [p for p in ordered if p != first]
+            return ordered, latest
+        path = Path(choice)
+        if (path / layout.META_FILE).is_file():
+            return [path], path.name
+        if (path / layout.LATEST_FILE).is_file():
+            return [layout.resolve_tag(path)], layout.read_pointer(path)
+        raise CheckpointError(f"checkpoint.resume: {path} is neither a tag (with meta.json) nor a ckpt folder")
+
+    def resume(self, engine: Any) -> dict[str, Any] | None:
+        """Collective. Load the newest intact tag; None when there is nothing to resume from."""
+        if self.cfg.resume == "never":
+            return None
+        candidates, latest = self._candidates() if self.ctx.is_main else ([], None)
+        candidates = dist.broadcast_object(candidates)
+        latest = dist.broadcast_object(latest)
+        for tag_dir in candidates:
+            info = self.verify(tag_dir)
+            if info.intact:
+                if latest and tag_dir.name != latest:
+                    log.warning("latest names %s, which is damaged or incomplete; resuming from %s", latest, tag_dir.name)
+                client_state = engine.load_checkpoint(tag_dir)
+                log.info("resumed from %s (step %d)", tag_dir, info.step)
+                return client_state
+            if info.meta is not None or tag_dir.name == latest:
+                log.warning("skipping checkpoint %s: %s", tag_dir.name, "; ".join(info.problems))
+        if self.cfg.resume != "auto":
+            raise CheckpointError(f"checkpoint.resume: no intact checkpoint at {self.cfg.resume}")
+        return None
+
+    def verify(self, tag_dir: Path) -> layout.TagInfo:
+        """Collective. Sizes and checksums of one tag, the hashing split across ranks."""
+        info = layout.check_tag(tag_dir)
+        info = dist.broadcast_object(info)
+        if not info.intact:
+            return info
+        names = sorted(info.meta["files"])
+        try:
+            share = {k: v["sha256"] for k, v in _hash_share(tag_dir, names, self.ctx.rank, self.ctx.world_size).items()}
+        except OSError:
+            share = {}
+        digests: dict[str, str] = {}
+        for part in dist.all_gather_object(share):
+            digests.update(part)
+        return layout.check_tag(tag_dir, digests=digests)

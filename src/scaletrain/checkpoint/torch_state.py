@@ -1,0 +1,132 @@
+"""Checkpoint files for the torch-native engines (DDP and FSDP2), in two formats.
+
+sharded: PyTorch Distributed Checkpoint under `dcp/`; each rank writes the shards it owns (a
+         replicated DDP state is written once), and loading reshards to any world size.
+full:    `model.pt` and `optim.pt` written by rank 0 from a state dict gathered on the CPU.
+Both:    `engine.pt` (step count, loss scaler) and `client_state.pt` (the loop's state), rank 0.
+
+Every file is read with `weights_only=True`: tensors, numbers, strings and containers only.
+Imports: torch, `scaletrain.errors`. Knows nothing of the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from scaletrain.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+DCP_DIR = "dcp"
+MODEL_FILE = "model.pt"
+OPTIM_FILE = "optim.pt"
+ENGINE_FILE = "engine.pt"
+CLIENT_FILE = "client_state.pt"
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def load_trusted_file(path: Path) -> Any:
+    """torch.load that never unpickles code: tensors, numbers, strings and containers only."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing; the tag is incomplete")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({type(e).__name__}: {e})") from e
+
+
+def detect_format(path: Path) -> str:
+    if (path / DCP_DIR / ".metadata").is_file():
+        return "sharded"
+    if (path / MODEL_FILE).is_file():
+        return "full"
+    raise CheckpointError(f"checkpoint {path}: neither {DCP_DIR}/.metadata nor {MODEL_FILE} found")
+
+
+def save(
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    fmt: str,
+    engine_state: dict[str, Any],
+    client_state: dict[str, Any],
+    async_save: bool = False,
+) -> Callable[[], None] | None:
+    """Collective. Write model + optimizer in `fmt`, then rank 0 writes the small state files.
+
+    With `async_save` (sharded only) returns a callable that blocks until the shards are written.
+    """
+    waiter = None
+    if fmt == "sharded":
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        if async_save:
+            future = dcp.async_save(state, checkpoint_id=str(path / DCP_DIR))
+            waiter = future.result
+        else:
+            dcp.save(state, checkpoint_id=str(path / DCP_DIR))
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_FULL)
+        if _rank() == 0:
+            torch.save(model_sd, path / MODEL_FILE)
+            torch.save(optim_sd, path / OPTIM_FILE)
+    if _rank() == 0:
+        torch.save(engine_state, path / ENGINE_FILE)
+        torch.save(client_state, path / CLIENT_FILE)
+    return waiter
+
+
+def load(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Collective. Restore model + optimizer from either format; returns (engine_state, client_state)."""
+    fmt = detect_format(path)
+    try:
+        if fmt == "sharded":
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
+            # Every rank maps the full files (mmap: pages are shared, not copied) and keeps its part.
+            # broadcast_from_rank0 would save reads on a shared filesystem, but it hangs over gloo in
+            # torch 2.13 for unsharded modules.
+            opts = StateDictOptions(full_state_dict=True)
+            model_sd = load_trusted_file(path / MODEL_FILE)
+            optim_sd = load_trusted_file(path / OPTIM_FILE)
+            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
+    except CheckpointError:
+        raise
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {str(e).splitlines()[0]}") from e
+    return load_trusted_file(path / ENGINE_FILE), load_trusted_file(path / CLIENT_FILE)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Collective. Full fp32 weights gathered to rank 0 on the CPU; {} elsewhere."""
+    sd = get_model_state_dict(model, options=_FULL)
+    return sd if _rank() == 0 else {}
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Collective. Every rank passes the same full state dict; each keeps its own shard."""
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))

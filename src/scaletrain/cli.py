@@ -1,0 +1,134 @@
+"""The `scaletrain` command: train | prepare | consolidate | inspect | config show.
+
+Exit codes: 0 done; 2 bad input (one line on stderr: what, and how to fix it); 75 stopped by a
+signal after saving a checkpoint (requeue or run again to resume); anything else is a crash and
+keeps its traceback. Configures logging once. Nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from scaletrain.errors import ScaletrainError
+
+log = logging.getLogger("scaletrain")
+
+EXIT_BAD_INPUT = 2
+
+
+def _setup_logging(level: str, rank: int) -> None:
+    root = logging.getLogger("scaletrain")
+    root.handlers.clear()
+    root.propagate = False
+    if rank == 0:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, markup=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+        root.setLevel(level.upper())
+    else:  # other ranks speak only when something is wrong, and say who they are
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
+        root.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+    root.addHandler(handler)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from scaletrain import dist
+    from scaletrain.config import load_config
+    from scaletrain.loop import EXIT_PREEMPTED, plan_run, train
+
+    launch = dist.current_launch(sys.argv)
+    cfg = load_config(args.config, args.overrides, ds_config=args.ds)
+    _setup_logging(cfg.logging.level, launch.rank)
+    plan = plan_run(cfg, launch.world_size)  # all input checks, before any process group
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    ctx = dist.init(launch, timeout_s=cfg.backend.timeout_s)
+    try:
+        result = train(plan, ctx)
+    except BaseException as e:
+        if not isinstance(e, (ScaletrainError, KeyboardInterrupt)):
+            log.error("rank %d failed: %s: %s", ctx.rank, type(e).__name__, e)
+        raise
+    finally:
+        dist.teardown()
+    return EXIT_PREEMPTED if result.preempted else 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from scaletrain.data import prepare
+
+    meta = prepare([Path(p) for p in args.inputs], Path(args.out), max_bytes=args.max_bytes)
+    print(
+        f"prepared {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
+        f"(vocab {meta['vocab_size']}, {meta['dtype']}) from {meta['source_files']} files"
+    )
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from scaletrain.config import config_to_toml, load_config
+
+    cfg = load_config(args.config, args.overrides, ds_config=args.ds)
+    if args.json:
+        import json
+
+        print(json.dumps(cfg.to_json_dict(), indent=2))
+    else:
+        print(config_to_toml(cfg), end="")
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML/JSON/YAML config file")
+    p.add_argument("--ds", type=Path, help="DeepSpeed JSON: selects backend=deepspeed with that config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scaletrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (under torchrun, deepspeed, srun, or alone)")
+    _add_config_args(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("prepare", help="tokenise text into train.bin/val.bin/meta.json")
+    p.add_argument("inputs", nargs="*", help="text files or folders (default: the built-in corpus)")
+    p.add_argument("--out", required=True, help="output data folder")
+    p.add_argument("--max-bytes", type=int, default=None, help="stop after this many bytes of text")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("config", help="config tools")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    show = csub.add_parser("show", help="print the resolved config")
+    _add_config_args(show)
+    show.add_argument("--json", action="store_true", help="JSON instead of TOML")
+    show.set_defaults(func=_cmd_config_show)
+
+    for name, module in (("consolidate", "scaletrain.checkpoint.consolidate"), ("inspect", "scaletrain.checkpoint.inspect")):
+        try:
+            register = __import__(module, fromlist=["add_command"]).add_command
+        except ImportError:
+            continue
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ScaletrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""The config tree: pydantic models, file loading, `key=value` overrides, validation.
+
+Owns every user-facing setting and its checks. Imports no torch, so `scaletrain config show` and every
+validation error come back fast, and all of it runs before a process group exists, identically on
+every rank. Imports: `scaletrain.errors` only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from scaletrain.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Precision = Literal["bf16", "fp16", "fp32"]
+BackendKind = Literal["ddp", "fsdp", "deepspeed"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class RunConfig(_Section):
+    name: str = Field("scaletrain", description="Run name, shown in logs and trackers.")
+    out_dir: Path = Field(Path("runs/default"), description="Run directory: config.json, metrics.jsonl, ckpt/.")
+    seed: int = Field(1337, ge=0, description="Seeds model init and the data order.")
+
+
+class ModelConfig(_Section):
+    n_layer: int = Field(4, ge=1, description="Transformer blocks.")
+    n_head: int = Field(4, ge=1, description="Attention heads per block.")
+    n_embd: int = Field(128, ge=1, description="Width of the residual stream.")
+    block_size: int = Field(128, ge=2, description="Sequence length in tokens.")
+    vocab_size: int | None = Field(None, ge=2, description="Defaults to the data's vocab_size.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: bool = Field(False, description="Biases in linear layers and norms.")
+    factory: str | None = Field(None, description='A user model: "pkg.module:function" (see docs/models.md).')
+    init_from: Path | None = Field(None, description="Start from a consolidated weights file.")
+    compile: bool = Field(False, description="Wrap the model with torch.compile.")
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_form(cls, v: str | None) -> str | None:
+        if v is not None and (v.count(":") != 1 or not all(v.split(":"))):
+            raise ValueError(f'expected "pkg.module:function", got {v!r}')
+        return v
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.factory is None and self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        return self
+
+
+class DataConfig(_Section):
+    path: Path = Field(Path("data/default"), description="Folder with train.bin, val.bin and meta.json.")
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(200, ge=1, description="Optimizer steps in the whole run.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per rank per micro-step.")
+    grad_accum: int | None = Field(None, description="Micro-steps per optimizer step (default 1).")
+    global_batch_size: int | None = Field(
+        None, ge=1, description="Sequences per optimizer step; derives grad_accum instead."
+    )
+    grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 turns clipping off.")
+    max_skipped_steps: int = Field(5, ge=0, description="Non-finite steps in a row before the run stops.")
+    eval_every: int = Field(100, ge=0, description="Steps between evaluations; 0 only at the end.")
+    eval_steps: int = Field(8, ge=0, description="Validation batches per evaluation.")
+    log_every: int = Field(10, ge=1, description="Steps between console lines.")
+    stop_at: int | None = Field(
+        None, ge=1, description="End this invocation after this step, with a checkpoint; the schedule "
+        "still follows max_steps (time-sliced jobs)."
+    )
+
+    @field_validator("grad_accum")
+    @classmethod
+    def _accum_positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"must be >= 1 (got {v}); it counts micro-steps per optimizer step")
+        return v
+
+    @model_validator(mode="after")
+    def _one_batch_spec(self) -> TrainConfig:
+        if self.grad_accum is not None and self.global_batch_size is not None:
+            raise ValueError("set train.grad_accum or train.global_batch_size, not both")
+        return self
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-3, description="Peak learning rate.")
+    weight_decay: float = Field(0.1, ge=0.0, description="Applied to matrices only (see docs).")
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0.0)
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_positive(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"must be > 0 (got {v})")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each beta must be in [0, 1) (got {list(v)})")
+        return v
+
+
+class ScheduleConfig(_Section):
+    kind: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    warmup_steps: int = Field(20, ge=0)
+    min_lr: float = Field(1e-4, ge=0.0, description="Floor the decay ends at (absolute, not a ratio).")
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of steps spent decaying.")
+
+
+class DDPConfig(_Section):
+    bucket_cap_mb: int = Field(25, ge=1)
+    static_graph: bool = False
+
+
+class FSDPConfig(_Section):
+    sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"] = "full_shard"
+    shard_group_size: int | None = Field(None, ge=1, description="hybrid_shard: ranks that shard together.")
+    cpu_offload: bool = Field(False, description="Parameters, gradients and optimizer state in CPU memory.")
+    activation_checkpointing: bool = False
+    wrap_classes: tuple[str, ...] = Field(
+        (), description="Module class names to shard and checkpoint one by one (default: the model's blocks)."
+    )
+    param_dtype: Literal["bf16", "fp16", "fp32"] | None = Field(
+        None, description="Compute dtype of parameters (default: from `precision`)."
+    )
+    reduce_dtype: Literal["bf16", "fp32"] = Field("fp32", description="Dtype of gradient reduction.")
+
+
+class DeepSpeedConfig(_Section):
+    config: Path | None = Field(None, description="A DeepSpeed JSON (see ds_configs/); `--ds FILE` sets it.")
+    stage: Literal[0, 1, 2, 3] | None = Field(None, description="ZeRO stage; default 2 without a file.")
+    offload_optimizer: bool | None = None
+    offload_param: bool | None = None
+
+
+class BackendConfig(_Section):
+    kind: BackendKind = "ddp"
+    timeout_s: float = Field(600.0, gt=0, description="Collective timeout: a hung rank fails the job after it.")
+    ddp: DDPConfig = DDPConfig()
+    fsdp: FSDPConfig = FSDPConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(100, ge=0, description="Steps between checkpoints; 0 only at the end.")
+    keep_last: int = Field(3, ge=1, description="Complete tags kept by rotation (the best tag is kept apart).")
+    format: Literal["sharded", "full"] = Field("sharded", description="Per-rank shards, or one full file.")
+    resume: str = Field("auto", description='"auto" (from ckpt/latest), "never", or a tag directory.')
+    async_save: bool = Field(False, alias="async", description="Write in the background where the backend can.")
+    on_error: Literal["fail", "warn"] = Field("fail", description="A failed save stops the run, or warns.")
+    keep_best: bool = Field(True, description="Keep the tag with the lowest validation loss apart from rotation.")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    console: bool = Field(True, description="Rich progress and step lines on rank 0.")
+    trackers: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = ()
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    precision: Precision = "fp32"
+    backend: BackendConfig = BackendConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.schedule.warmup_steps > self.train.max_steps:
+            raise ValueError(
+                f"schedule.warmup_steps ({self.schedule.warmup_steps}) exceeds train.max_steps "
+                f"({self.train.max_steps})"
+            )
+        if self.schedule.min_lr > self.optim.lr:
+            raise ValueError(f"schedule.min_lr ({self.schedule.min_lr}) exceeds optim.lr ({self.optim.lr})")
+        return self
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every dotted key path of the tree, sections included (`train`, `train.max_steps`, ...)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        spelled = field.alias or name
+        path = f"{prefix}{spelled}"
+        keys.append(path)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(valid_keys(ann, path + "."))
+    return keys
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.6)
+    if not close:  # try the last part alone: `lr` -> `optim.lr`
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in valid_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
+    return f"; did you mean '{close[0]}'?" if close else "; see `scaletrain config show`"
+
+
+def parse_value(text: str) -> Any:
+    """An override's value: JSON where it parses (numbers, true/false, null, lists), else the string."""
+    lowered = text.strip()
+    if lowered in ("True", "False", "None"):  # Python spellings are common on command lines
+        lowered = {"True": "true", "False": "false", "None": "null"}[lowered]
+    try:
+        return json.loads(lowered)
+    except json.JSONDecodeError:
+        return text
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {} if child is None or isinstance(child, str) else child
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`["optim.lr=3e-4", "backend=fsdp"]` -> a nested dict. `backend=X` means `backend.kind=X`."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().removeprefix("--")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=3e-4")
+        if key in {"backend", "backend.kind"}:
+            key = "backend.kind"
+        value = parse_value(raw)
+        if key == "backend.kind" and isinstance(value, str):
+            value = value.lower()
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """TOML, JSON or YAML (if PyYAML is installed) into a plain dict."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found; pass an existing --config file")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text()
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as e:
+                raise ConfigError(f"config file {path}: YAML needs `pip install pyyaml` (or use TOML)") from e
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {path}: unknown extension {suffix!r}; use .toml, .json or .yaml")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: cannot parse: {' '.join(str(e).split())}") from e
+    except Exception as e:
+        if type(e).__module__.startswith("yaml"):
+            raise ConfigError(f"config file {path}: cannot parse: {' '.join(str(e).split())}") from e
+        raise
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a table of sections")
+    # `backend = "fsdp"` in a file is the same shorthand as on the command line.
+    if isinstance(data.get("backend"), str):
+        data["backend"] = {"kind": data["backend"].lower()}
+    return data
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"config: unknown key '{loc}'{_suggest(loc)}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if "input" in first and kind not in ("value_error",) and not isinstance(first["input"], dict):
+        msg = f"{msg} (got {first['input']!r})"
+    if kind == "literal_error" and "expected" in first.get("ctx", {}):
+        msg = f"must be one of {first['ctx']['expected']} (got {first['input']!r})"
+    where = f"'{loc}': " if loc else ""
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"config: {where}{msg}{more}"
+
+
+def build_config(tree: Mapping[str, Any]) -> Config:
+    try:
+        return Config.model_validate(dict(tree))
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def load_config(
+    path: Path | None = None, overrides: Iterable[str] = (), ds_config: Path | None = None
+) -> Config:
+    """Defaults, then the file, then `--ds`, then overrides (later wins)."""
+    tree: dict[str, Any] = read_config_file(Path(path)) if path else {}
+    if ds_config is not None:
+        tree = _merge(tree, {"backend": {"kind": "deepspeed", "deepspeed": {"config": str(ds_config)}}})
+    return build_config(_merge(tree, parse_overrides(overrides)))
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The resolved config as TOML, the format users write (no TOML writer in the standard library)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    lines: list[str] = []
+
+    def section(name: str, data: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        if scalars or not name:
+            if name:
+                lines.append(f"\n[{name}]")
+            lines.extend(f"{k} = {fmt(v)}" for k, v in scalars.items() if v is not None)
+        for k, v in data.items():
+            if isinstance(v, dict):
+                section(f"{name}.{k}" if name else k, v)
+
+    section("", cfg.to_json_dict())
+    return "\n".join(lines).lstrip() + "\n"

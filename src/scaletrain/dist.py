@@ -1,0 +1,202 @@
+"""The distributed context: which launcher started us, process-group setup and teardown, thin collectives.
+
+This is the only module that reads launcher environment variables (torchrun, the `deepspeed`
+launcher, SLURM's srun). `detect_launch` is a pure function of an environment mapping and argv, so
+every launcher is testable without starting one. Imports: torch, `scaletrain.errors`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from scaletrain.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# "env" is a plain env:// launch (RANK, WORLD_SIZE, MASTER_ADDR/PORT set by hand or by a test).
+Launcher = Literal["torchrun", "deepspeed", "slurm", "env", "single"]
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    launcher: Launcher
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+
+
+def _local_rank_arg(argv: Sequence[str]) -> int | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            return int(arg.split("=", 1)[1])
+        if arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            return int(argv[i + 1])
+    return None
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed node list (`node[01-03,07],gpu5`) to host names, without calling scontrol."""
+    hosts: list[str] = []
+    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist):
+        prefix, ranges = m.group(1), m.group(2)
+        if not ranges:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+            else:
+                hosts.extend(f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1))
+    return hosts
+
+
+def detect_launch(env: Mapping[str, str], argv: Sequence[str] = ()) -> LaunchInfo:
+    """Who started this process, from its environment and argv. Pure: reads only what it is given."""
+    arg_local_rank = _local_rank_arg(argv)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher: Launcher
+        if "TORCHELASTIC_RUN_ID" in env:
+            launcher = "torchrun"
+        elif arg_local_rank is not None:
+            launcher = "deepspeed"  # its launcher passes --local_rank=N besides setting RANK
+        else:
+            launcher = "env"
+        local_rank = int(env.get("LOCAL_RANK", arg_local_rank if arg_local_rank is not None else 0))
+        return LaunchInfo(
+            launcher=launcher,
+            rank=int(env["RANK"]),
+            local_rank=local_rank,
+            world_size=int(env["WORLD_SIZE"]),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", "29500")),
+        )
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost")))
+        ntasks = int(env["SLURM_NTASKS"])
+        port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        local_ws = env.get("SLURM_NTASKS_PER_NODE", str(ntasks // max(1, len(nodes)))).split("(")[0]
+        return LaunchInfo(
+            launcher="slurm",
+            rank=int(env["SLURM_PROCID"]),
+            local_rank=int(env.get("SLURM_LOCALID", "0")),
+            world_size=ntasks,
+            local_world_size=int(local_ws),
+            master_addr=env.get("MASTER_ADDR", nodes[0] if nodes else "127.0.0.1"),
+            master_port=port,
+        )
+    return LaunchInfo("single", 0, arg_local_rank or 0, 1, 1, "127.0.0.1", 0)
+
+
+def current_launch(argv: Sequence[str] = ()) -> LaunchInfo:
+    return detect_launch(os.environ, argv)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """What every other module needs to know about this process's place in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    launcher: Launcher
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+
+def init(launch: LaunchInfo, *, timeout_s: float = 600.0, device: str | None = None) -> DistContext:
+    """Create the default process group (gloo on CPU, nccl on CUDA) and pick this rank's device.
+
+    A single process gets a process group of one too, so every engine runs the same code paths.
+    """
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        if torch.cuda.device_count() == 0:
+            raise ConfigError("device: CUDA was requested but no CUDA device is visible")
+        dev = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    else:
+        dev = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        if launch.launcher == "single":
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        else:
+            # The srun and deepspeed paths may lack some variables that env:// needs.
+            os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+            os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+            init_method = f"tcp://{launch.master_addr}:{launch.master_port}"
+        dist.init_process_group(
+            backend=backend,
+            init_method=init_method,
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return DistContext(launch.rank, launch.local_rank, launch.world_size, dev, launch.launcher)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Thin collectives. Every function here is collective: every rank must call it, in the same order.
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]:
+    """Sum a few floats over all ranks in one collective (float64 so token counts stay exact)."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,202 @@
+"""The Engine interface every backend implements, and what they share (autocast, loss, step rules).
+
+The loop talks to an Engine and never asks which backend it has. Public verbs hold the shared rules
+and call small protected hooks each backend fills. Each verb says whether it is collective (every
+rank must call it, in the same order) or local.
+
+Imports: torch, `scaletrain.config`, `scaletrain.dist`, `scaletrain.errors`. Not: loop, cli.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scaletrain.config import Precision
+from scaletrain.dist import DistContext
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one optimizer step reports, the same for every backend."""
+
+    grad_norm: float  # global L2 norm of the gradients before clipping (nan/inf when non-finite)
+    lr: float  # learning rate this step used
+    skipped: bool  # True when the update was not applied (non-finite gradients or fp16 overflow)
+    loss_scale: float | None = None  # fp16 only
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything an engine is built from, besides its own backend sub-config."""
+
+    ctx: DistContext
+    precision: Precision
+    grad_accum: int
+    grad_clip: float
+    micro_batch_size: int
+    model_factory: Callable[[], nn.Module]  # builds the model in fp32 on the CPU (or meta)
+    optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer]
+    lr_fn: Callable[[int], float]  # lr of optimizer step n (0-based)
+    compile: bool = False
+    checkpoint_format: str = "sharded"
+    init_state: Callable[[], dict[str, torch.Tensor]] | None = None  # full weights to start from
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over every token of the micro-batch, computed in fp32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+class Engine(ABC):
+    """One backend behind one interface. Subclasses fill the hooks; they never inherit each other."""
+
+    name: ClassVar[str]
+    # Whether save_checkpoint can return before the files are written (see `wait_for_save`).
+    supports_async_save: ClassVar[bool] = False
+
+    def __init__(self, spec: EngineSpec) -> None:
+        self.spec = spec
+        self.ctx = spec.ctx
+        self.num_steps = 0  # optimizer steps taken, skipped ones included: drives the schedule
+        self._autocast_dtype = DTYPES[spec.precision]
+
+    # ------------------------------------------------------------------ the model as the loop sees it
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The unwrapped model (plain parameter names); for inspection, not for calling forward."""
+
+    @abstractmethod
+    def _forward_module(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The callable that runs forward (the wrapped, maybe compiled, model)."""
+
+    def train(self, mode: bool = True) -> None:
+        """Local. Switch dropout etc. on or off."""
+        self.module.train(mode)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast for bf16/fp16 on this device; a no-op in fp32."""
+        if self.spec.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.ctx.device_type, dtype=self._autocast_dtype)
+
+    @contextlib.contextmanager
+    def accumulate(self, is_boundary: bool) -> Iterator[None]:
+        """Local. Wrap forward *and* backward of one micro-batch; off the boundary, skip gradient sync."""
+        with self._no_sync() if not is_boundary else contextlib.nullcontext():
+            yield
+
+    def _no_sync(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Collective under sharded backends. The micro-batch loss (mean over its tokens), unscaled."""
+        x, y = (t.to(self.ctx.device, non_blocking=True) for t in batch)
+        with self.autocast():
+            logits = self._forward_module()(x)
+        return lm_loss(logits, y)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Collective under sharded backends. Loss of one validation batch, no gradients kept."""
+        return self.forward(batch)
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Collective on the boundary micro-step. Takes the unscaled micro-batch loss; applies
+        1/grad_accum and any fp16 loss scaling; never steps."""
+
+    @abstractmethod
+    def step(self, *, force_skip: bool = False) -> StepStats:
+        """Collective. Once per optimizer step: unscale, clip to grad_clip over all shards, update
+        (or skip on non-finite gradients or `force_skip`), set the next lr, zero gradients."""
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @abstractmethod
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any], *, async_save: bool = False) -> None:
+        """Collective. Write this engine's state and `client_state` into the existing folder `path`.
+
+        With `async_save` an engine whose `supports_async_save` is true may return before the files
+        are written; `wait_for_save` then blocks until they are. Others ignore it and write in place."""
+
+    @abstractmethod
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Collective. Restore the state saved in `path`; returns the client_state saved with it."""
+
+    def wait_for_save(self) -> None:
+        """Local. Block until an asynchronous save has finished writing (no-op when saves are sync)."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective. Consolidated fp32 model weights on rank 0 (CPU tensors); {} on other ranks."""
+
+    def close(self) -> None:
+        """Local. Wait for background work; the process group belongs to `dist`, not to the engine."""
+        self.wait_for_save()
+
+    # ------------------------------------------------------------------ shared step rules
+
+    def _next_lr(self) -> float:
+        return self.spec.lr_fn(self.num_steps)
+
+
+def grad_norm_value(norm: torch.Tensor) -> float:
+    """A float from clip_grad_norm_'s result, which is a DTensor when the gradients are sharded."""
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if callable(full) else norm)
+
+
+def torch_optimizer_step(
+    *,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float,
+    lr: float,
+    force_skip: bool,
+    clip_fn: Callable[[list[nn.Parameter], float], torch.Tensor] | None = None,
+) -> StepStats:
+    """The step that DDP and FSDP share: unscale, global-norm clip, update or skip, zero grads.
+
+    Collective: the norm is reduced over all shards (FSDP) or is identical on every rank (DDP, whose
+    gradients were all-reduced), so every rank reaches the same skip decision without a broadcast.
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    clip = clip_fn or (lambda ps, max_norm: torch.nn.utils.clip_grad_norm_(ps, max_norm, foreach=True))
+    norm = grad_norm_value(clip(params, grad_clip if grad_clip > 0 else math.inf))
+    finite = math.isfinite(norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    skipped = force_skip or not finite
+    scale = None
+    if scaler is not None:
+        if force_skip:
+            optimizer.zero_grad(set_to_none=True)
+        before = scaler.get_scale()
+        if not force_skip:
+            scaler.step(optimizer)  # skips by itself when the unscale found inf/nan
+        scaler.update()
+        scale = scaler.get_scale()
+        skipped = skipped or scale < before
+    elif not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(grad_norm=norm, lr=lr, skipped=skipped, loss_scale=scale)

@@ -1,0 +1,164 @@
+"""Where step records go: `metrics.jsonl` and a rich console on rank 0, optional trackers, and a
+sink that does nothing on every other rank (so call sites never branch on rank).
+
+Never runs a collective. Imports: rich, `scaletrain.config`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from scaletrain.config import LoggingConfig
+
+log = logging.getLogger(__name__)
+
+
+class NullSink:
+    """What ranks other than 0 get."""
+
+    def start(self, total_steps: int, first_step: int) -> None: ...
+    def log(self, record: dict[str, Any], *, console: bool) -> None: ...
+    def close(self) -> None: ...
+
+
+def _fmt(record: dict[str, Any]) -> str:
+    parts = [f"step {record['step']}"]
+    for key, fmt in (("loss", ".4f"), ("val_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".3f"),
+                     ("tokens_per_s", ",.0f"), ("step_ms", ".1f")):
+        if key in record and record[key] is not None:
+            parts.append(f"{key} {record[key]:{fmt}}")
+    if record.get("skipped"):
+        parts.append("[yellow]skipped[/]")
+    return " | ".join(parts)
+
+
+class RankZeroSink:
+    """JSONL file (every record), console lines and a progress bar, trackers if configured."""
+
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_config: dict[str, Any]) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.cfg = cfg
+        self.console = Console(stderr=True)
+        self._file = open(self.path, "a", buffering=1)
+        self._progress: Progress | None = None
+        self._task = None
+        self._trackers = [t for t in (_make_tracker(name, run_dir, run_config) for name in cfg.trackers) if t]
+
+    def start(self, total_steps: int, first_step: int) -> None:
+        if not self.cfg.console or not self.console.is_terminal:
+            return
+        self._progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(), console=self.console, transient=False,
+        )
+        self._task = self._progress.add_task("train", total=total_steps, completed=first_step, info="")
+        self._progress.start()
+
+    def log(self, record: dict[str, Any], *, console: bool) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        for tracker in self._trackers:
+            tracker.log(clean)
+        if self._progress is not None and "loss" in record:
+            self._progress.update(self._task, completed=record["step"], info=f"loss {record['loss']:.4f}")
+        if console and self.cfg.console:
+            line = _fmt(record)
+            if self._progress is not None:
+                self._progress.console.print(line, highlight=False)
+            else:
+                self.console.print(line, highlight=False)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        for tracker in self._trackers:
+            tracker.close()
+        self._file.close()
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.w = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, rec: dict[str, Any]) -> None:
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.w.add_scalar(k, v, rec["step"])
+
+    def close(self) -> None:
+        self.w.close()
+
+
+class _MLflow:
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        import mlflow
+
+        self.m = mlflow
+        mlflow.start_run(run_name=config["run"]["name"])
+        mlflow.log_dict(config, "config.json")
+
+    def log(self, rec: dict[str, Any]) -> None:
+        nums = {k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float)) and v is not None}
+        self.m.log_metrics(nums, step=rec["step"])
+
+    def close(self) -> None:
+        self.m.end_run()
+
+
+class _WandB:
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        import wandb
+
+        self.run = wandb.init(name=config["run"]["name"], dir=str(run_dir), config=config)
+
+    def log(self, rec: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _make_tracker(name: str, run_dir: Path, config: dict[str, Any]):
+    try:
+        if name == "tensorboard":
+            return _TensorBoard(run_dir)
+        if name == "mlflow":
+            return _MLflow(run_dir, config)
+        return _WandB(run_dir, config)
+    except ImportError:
+        log.warning("logging.trackers: %s is not installed (pip install 'scaletrain[%s]'); skipping it", name, name)
+        return None
+
+
+def make_sink(is_main: bool, run_dir: Path, cfg: LoggingConfig, run_config: dict[str, Any]):
+    return RankZeroSink(run_dir, cfg, run_config) if is_main else NullSink()
+
+
+class Throughput:
+    """Tokens per second and step time over the steps since the last report."""
+
+    def __init__(self) -> None:
+        self._t = time.perf_counter()
+        self._tokens = 0
+        self._steps = 0
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+        self._steps += 1
+
+    def report(self) -> dict[str, float]:
+        now = time.perf_counter()
+        dt = max(now - self._t, 1e-9)
+        out = {"tokens_per_s": self._tokens / dt, "step_ms": 1000 * dt / max(self._steps, 1)}
+        self._t, self._tokens, self._steps = now, 0, 0
+        return out

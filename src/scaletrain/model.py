@@ -1,0 +1,156 @@
+"""The built-in GPT decoder, and loading a user's model from "pkg.module:function".
+
+The model contract every engine relies on (docs/models.md):
+  * `forward(input_ids: LongTensor[B, T]) -> Tensor[B, T, vocab]` returns logits; the harness
+    computes the loss, so precision and loss averaging are the same for every model;
+  * parameters are created on the CPU (or the meta device) in fp32; engines move and cast them;
+  * the attribute `block_classes` (optional) names the module classes that FSDP shards one by one
+    and activation checkpointing wraps; `backend.fsdp.wrap_classes` overrides it.
+Knows nothing of engines. Imports: torch, `scaletrain.config`, `scaletrain.errors`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scaletrain.config import ModelConfig
+from scaletrain.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        # (B, T, C) -> (B, heads, T, head_dim)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    block_classes = (Block,)
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.block_size = cfg.block_size
+        self.wte = nn.Embedding(vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        # Tied: one matrix. state_dict() lists it as both wte.weight and lm_head.weight.
+        self.lm_head.weight = self.wte.weight
+        self.reset_parameters(cfg.n_layer)
+
+    def reset_parameters(self, n_layer: int) -> None:
+        """GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)."""
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1]
+        if t > self.block_size:
+            raise ValueError(f"sequence of {t} tokens exceeds model.block_size={self.block_size}")
+        pos = torch.arange(t, device=input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def count_params(model: nn.Module) -> int:
+    """Distinct parameters (tied weights once), by their global size even when sharded."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def _import_factory(spec: str):
+    module_name, func_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"model.factory: cannot import module {module_name!r} ({e}); check PYTHONPATH") from e
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise ConfigError(f"model.factory: {module_name!r} has no callable {func_name!r}")
+    return fn
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """The built-in GPT, or `factory(cfg, vocab_size)` (a factory may take just `cfg`)."""
+    if cfg.factory is None:
+        return GPT(cfg, vocab_size)
+    fn = _import_factory(cfg.factory)
+    n_args = len(inspect.signature(fn).parameters)
+    model = fn(cfg, vocab_size) if n_args >= 2 else fn(cfg)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.factory: {cfg.factory} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def block_classes(model: nn.Module, names: tuple[str, ...] = ()) -> tuple[type[nn.Module], ...]:
+    """Classes to shard/checkpoint one by one: by name from config, else the model's `block_classes`."""
+    if not names:
+        return tuple(getattr(model, "block_classes", ()))
+    found = {type(m).__name__: type(m) for m in model.modules()}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ConfigError(
+            f"backend.fsdp.wrap_classes: {missing} match no module of the model; "
+            f"its classes are {sorted(found)}"
+        )
+    return tuple(found[n] for n in names)
