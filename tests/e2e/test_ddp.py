@@ -104,10 +104,16 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize(("override", "needle"), BAD_INPUTS)
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_data: Path, tmp_path: Path, override, needle):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def existing_run(tiny_data: Path, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("existing") / "run"
     train(tiny_overrides(tiny_data, run, **{"train.max_steps": 2}), nproc=1)
+    return run
+
+
+@pytest.mark.parametrize(("override", "needle"), BAD_INPUTS)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_data: Path, existing_run: Path, override, needle):
+    run = existing_run
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     r = train([*tiny_overrides(tiny_data, run, **{"train.max_steps": 4}), override], nproc=2, check=False,
               timeout=120)
