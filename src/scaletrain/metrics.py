@@ -35,8 +35,11 @@ def _fmt(record: dict[str, Any]) -> str:
                      ("tokens_per_s", ",.0f"), ("step_ms", ".1f")):
         if key in record and record[key] is not None:
             parts.append(f"{key} {record[key]:{fmt}}")
+    if record.get("eta_s") is not None and record["eta_s"] > 0:
+        m, sec = divmod(int(record["eta_s"]), 60)
+        parts.append(f"eta {m // 60}:{m % 60:02d}:{sec:02d}")
     if record.get("skipped"):
-        parts.append("[yellow]skipped[/]")
+        parts.append(f"skipped ({record.get('skipped_total', 1)} so far)")
     return " | ".join(parts)
 
 

@@ -144,3 +144,18 @@ def test_config_show_and_prepare_cli(tmp_path: Path):
     assert r.returncode == 0 and json.loads((tmp_path / "d" / "meta.json").read_text())["vocab_size"] == 256
     r = scaletrain("prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "e"))
     assert r.returncode == 2 and r.stderr.startswith("error: prepare:")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_trains_and_fp16_counts_skips(tiny_data: Path, tmp_path: Path, precision: str):
+    """Tiny on purpose: this CPU has no bf16 matrix units. fp16 uses a gradient scaler; a NaN step is
+    skipped, counted, and the scale backs off."""
+    env = child_env(PYTHONPATH=str(REPO / "tests"), NAN_STEPS="2")
+    o = tiny_overrides(tiny_data, tmp_path / precision, **{"precision": precision, "train.max_steps": 3,
+                                                           "model.factory": "models:nan_lm"})
+    train(o, nproc=1, env=env)
+    recs = read_metrics(tmp_path / precision)
+    assert [r.get("skipped", False) for r in recs] == [False, True, False]
+    assert recs[1]["skipped_total"] == 1 and all(r["loss"] == r["loss"] for r in (recs[0], recs[2]))
+    if precision == "fp16":
+        assert recs[1]["loss_scale"] < recs[0]["loss_scale"]
