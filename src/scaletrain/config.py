@@ -201,10 +201,28 @@ class Config(_Section):
             )
         if self.schedule.min_lr > self.optim.lr:
             raise ValueError(f"schedule.min_lr ({self.schedule.min_lr}) exceeds optim.lr ({self.optim.lr})")
+        if self.backend.kind == "fsdp" and "fp16" in (self.precision, self.backend.fsdp.param_dtype):
+            raise ValueError("precision: fp16 is not supported with backend=fsdp (no sharded loss scaler); use bf16")
         return self
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+
+def resolve_grad_accum(train: TrainConfig, world_size: int) -> int:
+    """Micro-steps per optimizer step: train.grad_accum, or derived from train.global_batch_size.
+
+    Torch-free so `ds_config` and `loop.resolve_batch` share one arithmetic; a global batch that does
+    not divide fails."""
+    if train.global_batch_size is None:
+        return train.grad_accum or 1
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size ({train.global_batch_size}) is not a multiple of "
+            f"train.micro_batch_size ({train.micro_batch_size}) x world size ({world_size}) = {per_step}"
+        )
+    return train.global_batch_size // per_step
 
 
 # ---------------------------------------------------------------------------------------------

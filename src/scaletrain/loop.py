@@ -22,7 +22,7 @@ import torch
 from scaletrain import data as data_mod
 from scaletrain import dist
 from scaletrain.checkpoint.manager import CheckpointManager
-from scaletrain.config import Config, TrainConfig
+from scaletrain.config import Config, TrainConfig, resolve_grad_accum
 from scaletrain.engines import Engine, EngineSpec, build_engine
 from scaletrain.errors import ConfigError, TrainingError
 from scaletrain.metrics import Throughput, make_sink
@@ -52,16 +52,7 @@ class RunResult:
 
 def resolve_batch(train: TrainConfig, world_size: int) -> data_mod.BatchPlan:
     """grad_accum from train.global_batch_size when given; a global batch that does not divide fails."""
-    mb = train.micro_batch_size
-    if train.global_batch_size is None:
-        return data_mod.BatchPlan(mb, train.grad_accum or 1, world_size)
-    per_step = mb * world_size
-    if train.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size ({train.global_batch_size}) is not a multiple of "
-            f"train.micro_batch_size ({mb}) x world size ({world_size}) = {per_step}"
-        )
-    return data_mod.BatchPlan(mb, train.global_batch_size // per_step, world_size)
+    return data_mod.BatchPlan(train.micro_batch_size, resolve_grad_accum(train, world_size), world_size)
 
 
 def plan_run(cfg: Config, world_size: int) -> RunPlan:
@@ -133,7 +124,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _build_engine(plan: RunPlan, ctx: dist.DistContext) -> Engine:
+def make_engine(plan: RunPlan, ctx: dist.DistContext) -> Engine:
     cfg = plan.cfg
     init_state = None
     if cfg.model.init_from is not None:
@@ -178,6 +169,24 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def train_step(engine: Engine, micro: list, ctx: dist.DistContext, stop_requested: bool = False):
+    """Collective. One optimizer step over this rank's micro-batches.
+
+    Returns (global mean loss, StepStats, number of ranks asked to stop). One collective besides the
+    engine's own: the loss and the stop votes travel together.
+    """
+    loss_sum = torch.zeros((), device=ctx.device)
+    for m, mb in enumerate(micro):
+        with engine.accumulate(is_boundary=m == len(micro) - 1):
+            loss = engine.forward(mb)
+            engine.backward(loss)
+        loss_sum += loss.detach().float()
+    total, stop_votes = dist.all_reduce_sum([float(loss_sum) / len(micro), float(stop_requested)], ctx.device)
+    loss_value = total / ctx.world_size
+    stats = engine.step(force_skip=not math.isfinite(loss_value))
+    return loss_value, stats, stop_votes
+
+
 def train(plan: RunPlan, ctx: dist.DistContext) -> RunResult:
     """Collective. The whole run on an initialised process group."""
     cfg, batch = plan.cfg, plan.batch
@@ -186,7 +195,7 @@ def train(plan: RunPlan, ctx: dist.DistContext) -> RunResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
     dist.barrier()
-    engine = _build_engine(plan, ctx)
+    engine = make_engine(plan, ctx)
     ckpt = CheckpointManager(run_dir / "ckpt", cfg.checkpoint, ctx)
     state = ckpt.resume(engine) or {}
     start = int(state.get("step", 0))
@@ -211,34 +220,27 @@ def train(plan: RunPlan, ctx: dist.DistContext) -> RunResult:
     result = RunResult(last_step=start)
     tokens_per_step = batch.global_batch_size * cfg.model.block_size
     skipped_in_row = int(state.get("skipped_in_row", 0))
+    skipped_total = int(state.get("skipped_total", 0))
     val_loss: float | None = None
     speed = Throughput()
     sink.start(cfg.train.max_steps, start)
     try:
         for step in range(start, cfg.train.max_steps):
-            micro = batches.train_micro_batches(step)
-            loss_sum = torch.zeros((), device=ctx.device)
-            for m, mb in enumerate(micro):
-                with engine.accumulate(is_boundary=m == len(micro) - 1):
-                    loss = engine.forward(mb)
-                    engine.backward(loss)
-                loss_sum += loss.detach().float()
-            # One collective per step: the global mean loss and whether any rank was asked to stop.
-            total, stop_votes = dist.all_reduce_sum([float(loss_sum) / len(micro), float(stop.requested)], ctx.device)
-            loss_value = total / ctx.world_size
-            stats = engine.step(force_skip=not math.isfinite(loss_value))
+            loss_value, stats, stop_votes = train_step(engine, batches.train_micro_batches(step), ctx, stop.requested)
             done = step + 1
             skipped_in_row = skipped_in_row + 1 if stats.skipped else 0
             speed.add(tokens_per_step)
             record: dict[str, Any] = {"step": done, "loss": loss_value, "lr": stats.lr, "grad_norm": stats.grad_norm,
                                       "tokens": done * tokens_per_step}
             if stats.skipped:
-                record["skipped"] = True
+                skipped_total += 1
+                record.update(skipped=True, skipped_total=skipped_total)
             if stats.loss_scale is not None:
                 record["loss_scale"] = stats.loss_scale
             is_last = done == cfg.train.max_steps or done == cfg.train.stop_at
             if done % cfg.train.log_every == 0 or is_last or stats.skipped:
                 record.update(speed.report())
+                record["eta_s"] = (cfg.train.max_steps - done) * record["step_ms"] / 1000
             val_loss = None
             if cfg.train.eval_steps and (is_last or (cfg.train.eval_every and done % cfg.train.eval_every == 0)):
                 val_loss = evaluate(engine, batches, cfg.train.eval_steps, ctx)
@@ -255,7 +257,8 @@ def train(plan: RunPlan, ctx: dist.DistContext) -> RunResult:
                 )
             preempt = stop_votes > 0
             if is_last or preempt or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
-                _save(ckpt, engine, ctx, plan, done, skipped_in_row, val_loss)
+                _save(ckpt, engine, ctx, plan, done, val_loss,
+                      {"skipped_in_row": skipped_in_row, "skipped_total": skipped_total})
             if done == cfg.train.stop_at:
                 break
             if preempt:
@@ -271,10 +274,10 @@ def train(plan: RunPlan, ctx: dist.DistContext) -> RunResult:
 
 
 def _save(ckpt: CheckpointManager, engine: Engine, ctx: dist.DistContext, plan: RunPlan, step: int,
-          skipped_in_row: int, val_loss: float | None) -> None:
+          val_loss: float | None, counters: dict[str, int]) -> None:
     """Collective. Gather every rank's RNG into the client state and save one tag."""
     cfg = plan.cfg
-    client_state = {"step": step, "skipped_in_row": skipped_in_row, "rng": dist.all_gather_object(_rng_state()),
+    client_state = {"step": step, **counters, "rng": dist.all_gather_object(_rng_state()),
                     "tokens": step * plan.batch.global_batch_size * cfg.model.block_size}
     meta = {
         "backend": cfg.backend.kind, "world_size": ctx.world_size, "precision": cfg.precision,
