@@ -50,7 +50,7 @@ class RankZeroSink:
         self.path = run_dir / "metrics.jsonl"
         self.cfg = cfg
         self.console = Console(stderr=True)
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 (closed in close())
         self._progress: Progress | None = None
         self._task = None
         self._trackers = [t for t in (_make_tracker(name, run_dir, run_config) for name in cfg.trackers) if t]

@@ -56,7 +56,7 @@ def lr_at(step: int, *, peak: float, cfg: ScheduleConfig, max_steps: int) -> flo
         return peak
     last = max(max_steps - 1, 1)
     if cfg.kind == "wsd":
-        decay_start = max(cfg.warmup_steps, int(round(max_steps * (1.0 - cfg.decay_fraction))))
+        decay_start = max(cfg.warmup_steps, round(max_steps * (1.0 - cfg.decay_fraction)))
         if step < decay_start:
             return peak
         progress = (step - decay_start) / max(last - decay_start, 1)

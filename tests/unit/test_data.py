@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaletrain.data import BatchPlan, Batches, prepare, read_meta
+from scaletrain.data import Batches, BatchPlan, prepare, read_meta
 from scaletrain.errors import DataError
 
 
@@ -25,7 +25,7 @@ def test_missing_and_malformed_data(tmp_path: Path):
     with pytest.raises(DataError, match="does not exist"):
         read_meta(tmp_path / "nope")
     (tmp_path / "d").mkdir()
-    with pytest.raises(DataError, match="meta.json is missing"):
+    with pytest.raises(DataError, match=r"meta\.json is missing"):
         read_meta(tmp_path / "d")
     (tmp_path / "d" / "meta.json").write_text("{not json")
     with pytest.raises(DataError, match="malformed"):
@@ -56,5 +56,5 @@ def test_targets_are_shifted_inputs(tiny_data: Path):
     b = Batches(tiny_data, read_meta(tiny_data), block_size=16, plan=BatchPlan(2, 1, 1), rank=0, seed=0)
     (x, y), = b.train_micro_batches(0)
     assert (x[:, 1:] == y[:, :-1]).all()
-    vx, vy = b.val_batch(0)
+    vx, _ = b.val_batch(0)
     assert vx.shape == (2, 16) and (vx == b.val_batch(0)[0]).all()

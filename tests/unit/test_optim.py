@@ -1,13 +1,13 @@
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 
-from scaletrain.config import ScheduleConfig
+from scaletrain.config import ModelConfig, ScheduleConfig
 from scaletrain.model import GPT
-from scaletrain.config import ModelConfig
 from scaletrain.optim import lr_at, param_groups
 
 
@@ -16,12 +16,12 @@ def test_schedules_shape(kind):
     cfg = ScheduleConfig(kind=kind, warmup_steps=10, min_lr=0.1)
     lrs = [lr_at(s, peak=1.0, cfg=cfg, max_steps=100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup, never 0
-    assert all(b >= a for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(b >= a for a, b in itertools.pairwise(lrs[:10]))
     if kind == "constant":
         assert lrs[-1] == 1.0
     else:
         assert lrs[-1] == pytest.approx(0.1)  # ends at min_lr
-        assert all(b <= a + 1e-12 for a, b in zip(lrs[10:], lrs[11:]))
+        assert all(b <= a + 1e-12 for a, b in itertools.pairwise(lrs[10:]))
     if kind == "wsd":
         assert lrs[79] == 1.0 and lrs[81] < 1.0
     if kind == "cosine":

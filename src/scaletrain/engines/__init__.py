@@ -4,7 +4,6 @@ so a DDP run never imports deepspeed."""
 from __future__ import annotations
 
 import importlib
-
 from typing import Any
 
 from scaletrain.config import Config

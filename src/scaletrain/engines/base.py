@@ -140,7 +140,7 @@ class Engine(ABC):
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         """Collective. Restore the state saved in `path`; returns the client_state saved with it."""
 
-    def wait_for_save(self) -> None:
+    def wait_for_save(self) -> None:  # noqa: B027 (a hook with a do-nothing default)
         """Local. Block until an asynchronous save has finished writing (no-op when saves are sync)."""
 
     @abstractmethod
