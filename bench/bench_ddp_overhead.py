@@ -27,7 +27,7 @@ from pathlib import Path
 
 SIZES = {
     # name: (n_layer, n_head, n_embd, block_size, micro_batch_size)
-    "small": (6, 6, 384, 256, 8),
+    "small": (4, 4, 256, 128, 8),
     "tiny": (2, 2, 64, 64, 4),
 }
 
