@@ -4,6 +4,7 @@ process group on timeout, so a hang becomes a failure, never a stuck suite."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -46,6 +47,22 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process, its process group, and every descendant: torchrun starts its workers in
+    sessions of their own, so killing the group alone would leave them running."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
 def run_cmd(cmd: Sequence[str], *, timeout: float = 240, cwd: Path | None = None, env: dict | None = None,
             check: bool = False) -> subprocess.CompletedProcess:
     """Run a command in its own process group; on timeout kill the whole group and fail loudly."""
@@ -54,12 +71,12 @@ def run_cmd(cmd: Sequence[str], *, timeout: float = 240, cwd: Path | None = None
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         raise AssertionError(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{out[-3000:]}\n{err[-3000:]}") from None
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
     result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}: {' '.join(map(str, cmd))}\n{out[-3000:]}\n{err[-5000:]}")

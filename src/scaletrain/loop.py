@@ -107,7 +107,10 @@ class _StopRequest:
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # After a stop the process is on its way out with exit 75 and a committed checkpoint. The
+            # launcher may SIGTERM the slower ranks once a faster one has exited (srun
+            # --kill-on-bad-exit, torchrun); that must not turn a clean stop into a crash.
+            signal.signal(sig, signal.SIG_IGN if self.requested else handler)
 
 
 def _rng_state() -> dict[str, Any]:

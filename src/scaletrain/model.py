@@ -114,7 +114,7 @@ def count_params(model: nn.Module) -> int:
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
-            total += p.numel()
+            total += getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitions hold their full size here
     return total
 
 

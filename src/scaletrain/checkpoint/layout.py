@@ -49,11 +49,22 @@ def safe_child(root: Path, name: str) -> Path:
     """`root/name`, refusing anything that would leave `root` (absolute paths, `..`, links out)."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
         raise CheckpointError(f"checkpoint tag {name!r} is not a plain name inside {root}")
-    child = root / name
+    return _inside(root, root / name, name)
+
+
+def safe_relpath(root: Path, rel: str) -> Path:
+    """`root/rel` for a relative POSIX path from a manifest, refusing `..`, absolute paths and links out."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel or any(p in ("", ".", "..") for p in parts):
+        raise CheckpointError(f"file name {rel!r} in {root / META_FILE} is not a plain relative path")
+    return _inside(root, root.joinpath(*parts), rel)
+
+
+def _inside(root: Path, child: Path, name: str) -> Path:
     try:
         child.resolve().relative_to(root.resolve())
     except ValueError:
-        raise CheckpointError(f"checkpoint tag {name!r} escapes {root}") from None
+        raise CheckpointError(f"checkpoint path {name!r} escapes {root}; remove the link or fix the name") from None
     return child
 
 
@@ -134,7 +145,11 @@ def check_tag(tag_dir: Path, *, digests: dict[str, str] | None = None) -> TagInf
         return TagInfo(tag_dir.name, tag_dir, None, (f"{META_FILE} missing or unreadable",))
     problems = []
     for name, rec in sorted(meta["files"].items()):
-        f = tag_dir / name
+        try:
+            f = safe_relpath(tag_dir, name)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
         if not f.is_file():
             problems.append(f"{name}: missing")
         elif f.stat().st_size != rec["size"]:
@@ -145,10 +160,11 @@ def check_tag(tag_dir: Path, *, digests: dict[str, str] | None = None) -> TagInf
 
 
 def tags(ckpt_dir: Path) -> list[Path]:
-    """Tag directories (complete or not), oldest first by step."""
+    """Tag directories (complete or not), oldest first by step. Symlinked tags are never listed:
+    a tag is a real folder inside the checkpoint dir (`safe_child` refuses one named explicitly)."""
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and tag_step(p.name) is not None]
+    found = [p for p in ckpt_dir.iterdir() if not p.is_symlink() and p.is_dir() and tag_step(p.name) is not None]
     return sorted(found, key=lambda p: tag_step(p.name) or 0)
 
 
@@ -187,12 +203,18 @@ def clean_tmp(ckpt_dir: Path) -> None:
     if ckpt_dir.is_dir():
         for p in ckpt_dir.iterdir():
             if p.name.startswith(TMP_PREFIX):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
-def rotate(ckpt_dir: Path, keep_last: int, *, protect: set[str]) -> list[str]:
-    """Delete complete tags beyond the newest `keep_last`, never one named in `protect`."""
+def rotate(ckpt_dir: Path, keep_last: int, *, protect: set[str], upto_step: int | None = None) -> list[str]:
+    """Delete complete tags beyond the newest `keep_last`, never one named in `protect`.
+
+    With `upto_step` (the step just committed) only tags up to it count: tags of later steps are left
+    from a timeline that a fallback resume abandoned; they must not push the new tags out, and the
+    run replaces them as it reaches their steps."""
     complete = [p for p in tags(ckpt_dir) if (p / META_FILE).is_file()]
+    if upto_step is not None:
+        complete = [p for p in complete if (tag_step(p.name) or 0) <= upto_step]
     removed = []
     for p in complete[:-keep_last] if keep_last > 0 else []:
         if p.name in protect:

@@ -18,12 +18,31 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from torch.distributed.checkpoint.api import CheckpointException
+
 from scaletrain import dist
 from scaletrain.checkpoint import layout
 from scaletrain.config import CheckpointConfig
 from scaletrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+
+# What a failed write raises: OSError from Python I/O, RuntimeError from torch.save's C++ writer
+# (disk full reads "PytorchStreamWriter failed writing file"), CheckpointException from DCP (which
+# already gathers every rank's failure). Anything else is a bug and keeps its traceback.
+SAVE_ERRORS = (OSError, RuntimeError, CheckpointException)
+
+
+def _describe(e: BaseException) -> str:
+    """One line for a save error: the OS reason, or the first failing rank's error under DCP."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, failure = sorted(e.failures.items())[0]
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        return f"rank {rank}: {_describe(inner) if isinstance(inner, BaseException) else inner}"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    lines = str(e).strip().splitlines()
+    return lines[-1] if lines else type(e).__name__
 
 
 def _agree(error: str | None) -> str | None:
@@ -84,8 +103,8 @@ class CheckpointManager:
         if (err := _agree(err)) is None:
             try:
                 engine.save_checkpoint(tmp, client_state, async_save=self.cfg.async_save)
-            except OSError as e:
-                err = f"writing {tmp}: {e.strerror or e}"
+            except SAVE_ERRORS as e:
+                err = f"writing {tmp}: {_describe(e)}"
             err = _agree(err)
         if err is not None:
             return self._failed(tmp, err)
@@ -94,8 +113,8 @@ class CheckpointManager:
             error = None
             try:
                 engine.wait_for_save()
-            except OSError as e:
-                error = f"writing {tmp}: {e.strerror or e}"
+            except SAVE_ERRORS as e:
+                error = f"writing {tmp}: {_describe(e)}"
             if (error := _agree(error)) is None:
                 error = self._commit(tmp, final, step, {**meta, "save_seconds": time.perf_counter() - started})
             return self._failed(tmp, error) if error else True
@@ -135,7 +154,7 @@ class CheckpointManager:
                 layout.write_atomic(self.dir / layout.LATEST_FILE, final.name + "\n")
                 self._update_best(final.name, meta.get("val_loss"))
                 protect = {self.best[1]} if self.best and self.cfg.keep_best else set()
-                for gone in layout.rotate(self.dir, self.cfg.keep_last, protect=protect):
+                for gone in layout.rotate(self.dir, self.cfg.keep_last, protect=protect, upto_step=step):
                     log.debug("rotated out %s", gone)
             except OSError as e:
                 err = f"committing {final}: {e.strerror or e}"
@@ -165,7 +184,7 @@ class CheckpointManager:
     # ------------------------------------------------------------------ resume
 
     def _candidates(self) -> tuple[list[Path], str | None]:
-        """Tags to try, best first, and the name `latest` gave (for the fallback message)."""
+        """Tags to try, best first, and the name `latest` gave (for the fallback message). Local."""
         choice = self.cfg.resume
         if choice == "auto":
             latest = layout.read_pointer(self.dir)
@@ -185,9 +204,16 @@ class CheckpointManager:
         """Collective. Load the newest intact tag; None when there is nothing to resume from."""
         if self.cfg.resume == "never":
             return None
-        candidates, latest = self._candidates() if self.ctx.is_main else ([], None)
-        candidates = dist.broadcast_object(candidates)
-        latest = dist.broadcast_object(latest)
+        found: tuple[list[Path], str | None] | str = ([], None)
+        if self.ctx.is_main:
+            try:
+                found = self._candidates()
+            except CheckpointError as e:
+                found = str(e)  # raised on every rank below, so none waits for the others
+        found = dist.broadcast_object(found)
+        if isinstance(found, str):
+            raise CheckpointError(found)
+        candidates, latest = found
         for tag_dir in candidates:
             info = self.verify(tag_dir)
             if info.intact:

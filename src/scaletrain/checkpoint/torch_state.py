@@ -5,8 +5,10 @@ sharded: PyTorch Distributed Checkpoint under `dcp/`; each rank writes the shard
 full:    `model.pt` and `optim.pt` written by rank 0 from a state dict gathered on the CPU.
 Both:    `engine.pt` (step count, loss scaler) and `client_state.pt` (the loop's state), rank 0.
 
-Every file is read with `weights_only=True`: tensors, numbers, strings and containers only.
-Imports: torch, `scaletrain.errors`. Knows nothing of the loop.
+Every file is read with `weights_only=True`: tensors, numbers, strings and containers only (DCP
+through `dcp_safe`). An async save runs DCP's collectives on a process group of its own, so the
+background writer never interleaves with the training step's collectives on the default group.
+Imports: torch, `scaletrain.checkpoint.dcp_safe`, `scaletrain.errors`. Knows nothing of the loop.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from scaletrain.checkpoint.dcp_safe import SafeFileSystemReader, SafeLoadPlanner
 from scaletrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -41,8 +44,20 @@ CLIENT_FILE = "client_state.pt"
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+_ASYNC_GROUP: Any = None
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _async_group() -> Any:
+    """Collective on first use. A gloo group only for background checkpoint writes (torch's advice:
+    collectives from two threads on one group may pair up differently on each rank)."""
+    global _ASYNC_GROUP
+    if _ASYNC_GROUP is None and dist.is_initialized():
+        _ASYNC_GROUP = dist.new_group(backend="gloo")
+    return _ASYNC_GROUP
 
 
 def load_trusted_file(path: Path) -> Any:
@@ -82,7 +97,9 @@ def save(
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         if async_save:
-            future = dcp.async_save(state, checkpoint_id=str(path / DCP_DIR))
+            # The stager copies every tensor to fresh CPU memory before returning, so training may
+            # change the parameters while the copy is written.
+            future = dcp.async_save(state, checkpoint_id=str(path / DCP_DIR), process_group=_async_group())
             waiter = future.result
         else:
             dcp.save(state, checkpoint_id=str(path / DCP_DIR))
@@ -92,9 +109,18 @@ def save(
             torch.save(model_sd, path / MODEL_FILE)
             torch.save(optim_sd, path / OPTIM_FILE)
     if _rank() == 0:
-        torch.save(engine_state, path / ENGINE_FILE)
+        # Tied parameters (lm_head.weight = wte.weight), so `consolidate` can store them once.
+        torch.save({**engine_state, "tied_params": tie_groups(model)}, path / ENGINE_FILE)
         torch.save(client_state, path / CLIENT_FILE)
     return waiter
+
+
+def tie_groups(model: nn.Module) -> list[list[str]]:
+    """Names that share one parameter, in model order (first name first); unshared ones left out."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def load(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -104,7 +130,7 @@ def load(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> t
         if fmt == "sharded":
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path / DCP_DIR)), planner=SafeLoadPlanner())
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
             # Every rank maps the full files (mmap: pages are shared, not copied) and keeps its part.
