@@ -81,6 +81,9 @@ class TrainConfig(_Section):
     eval_every: int = Field(100, ge=0, description="Steps between evaluations; 0 only at the end.")
     eval_steps: int = Field(8, ge=0, description="Validation batches per evaluation.")
     log_every: int = Field(10, ge=1, description="Steps between console lines.")
+    allow_tf32: bool = Field(
+        True, description="On CUDA, fp32 matmuls and convolutions use TF32 tensor cores (nanoGPT's default)."
+    )
     stop_at: int | None = Field(
         None, ge=1, description="End this invocation after this step, with a checkpoint; the schedule "
         "still follows max_steps (time-sliced jobs)."
@@ -156,6 +159,10 @@ class DeepSpeedConfig(_Section):
 
 class BackendConfig(_Section):
     kind: BackendKind = "ddp"
+    tp_size: int = Field(
+        1, ge=1, description="Tensor-parallel ranks per model replica (torch-native backends); the "
+        "data-parallel size is world size / tp_size."
+    )
     timeout_s: float = Field(600.0, gt=0, description="Collective timeout: a hung rank fails the job after it.")
     ddp: DDPConfig = DDPConfig()
     fsdp: FSDPConfig = FSDPConfig()
@@ -201,8 +208,6 @@ class Config(_Section):
             )
         if self.schedule.min_lr > self.optim.lr:
             raise ValueError(f"schedule.min_lr ({self.schedule.min_lr}) exceeds optim.lr ({self.optim.lr})")
-        if self.backend.kind == "fsdp" and "fp16" in (self.precision, self.backend.fsdp.param_dtype):
-            raise ValueError("precision: fp16 is not supported with backend=fsdp (no sharded loss scaler); use bf16")
         return self
 
     def to_json_dict(self) -> dict[str, Any]:

@@ -5,6 +5,21 @@ Messages name the config path or file at fault and say how to fix it. Imports no
 
 from __future__ import annotations
 
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Every exit code of `scaletrain` commands and `launch/train.py`, in one place.
+
+    Anything not listed (1 from a traceback, or a signal's 128+N) is a crash and keeps its traceback.
+    """
+
+    OK = 0  # done
+    DAMAGE = 1  # `inspect --verify` found a damaged tag; `parity` found a backend that diverges
+    BAD_INPUT = 2  # config, paths, files: one line on stderr naming what and how to fix it
+    STOP_UNSAVED = 74  # EX_IOERR: stopped by a signal but the stop-save failed; do not requeue blindly
+    PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGUSR1/SIGTERM after saving; run again (or requeue) to resume
+
 
 class ScaletrainError(Exception):
     """Bad input from the user: config, paths, files. Exit code 2, no traceback."""

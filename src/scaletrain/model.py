@@ -27,22 +27,31 @@ log = logging.getLogger(__name__)
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention with q, k and v fused in one matrix, laid out head by head.
+
+    The rows of `qkv.weight` are grouped per head, `[q_h, k_h, v_h]` for h = 0..n_head-1 (Megatron's
+    layout), so a contiguous row shard holds whole heads with their own q, k and v. Tensor parallel
+    can then split the fused matrix column-wise across ranks and each rank attends over its heads
+    alone; the number of heads a rank holds is read from the output width, not from the config.
+    """
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_head = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=2)
-        # (B, T, C) -> (B, heads, T, head_dim)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        b, t, _ = x.shape
+        qkv = self.qkv(x)
+        heads = qkv.shape[-1] // (3 * self.head_dim)  # all heads, or this rank's under tensor parallel
+        # (B, T, heads, 3, head_dim) -> three (B, heads, T, head_dim)
+        q, k, v = qkv.view(b, t, heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
+        return self.proj(y.transpose(1, 2).reshape(b, t, heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -73,6 +82,15 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     block_classes = (Block,)
+    # Tensor-parallel plan (backend.tp_size > 1): module name patterns -> "colwise" | "rowwise".
+    # Column-parallel outputs stay local (heads / hidden units of this rank); each row-parallel
+    # layer ends with one all-reduce, so a block costs two all-reduces in forward.
+    tp_plan = {
+        "blocks.*.attn.qkv": "colwise",
+        "blocks.*.attn.proj": "rowwise",
+        "blocks.*.mlp.fc": "colwise",
+        "blocks.*.mlp.proj": "rowwise",
+    }
 
     def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
         super().__init__()
