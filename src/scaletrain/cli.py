@@ -83,7 +83,7 @@ def _exit_now(code: int) -> None:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from scaletrain.data import prepare
 
-    meta = prepare([Path(p) for p in args.inputs], Path(args.out), max_bytes=args.max_bytes)
+    meta = prepare([Path(p) for p in args.inputs], Path(args.out), max_bytes=args.max_bytes, force=args.force)
     print(
         f"prepared {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
         f"(vocab {meta['vocab_size']}, {meta['dtype']}) from {meta['source_files']} files"
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", help="text files or folders (default: the built-in corpus)")
     p.add_argument("--out", required=True, help="output data folder")
     p.add_argument("--max-bytes", type=int, default=None, help="stop after this many bytes of text")
+    p.add_argument("--force", action="store_true", help="replace an existing, non-empty output folder")
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("config", help="config tools")

@@ -50,7 +50,7 @@ def default_corpus_files() -> list[Path]:
     return sorted(p for p in stdlib.glob("*.py") if p.is_file())
 
 
-def prepare(inputs: list[Path], out_dir: Path, *, max_bytes: int | None = None) -> dict:
+def prepare(inputs: list[Path], out_dir: Path, *, max_bytes: int | None = None, force: bool = False) -> dict:
     """Tokenise text files (byte-level) into `out_dir/{train,val}.bin` and `meta.json`.
 
     Files are read in sorted order; the last VAL_FRACTION of the stream is the validation split.
