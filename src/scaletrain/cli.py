@@ -1,25 +1,22 @@
 """The `scaletrain` command: train | prepare | consolidate | inspect | config show.
 
-Exit codes: 0 done; 2 bad input (one line on stderr: what, and how to fix it); 75 stopped by a
-signal after saving a checkpoint (requeue or run again to resume); anything else is a crash and
-keeps its traceback. Configures logging once. Nothing imports this module.
+Exit codes are `scaletrain.errors.ExitCode`: 0 done; 1 damage found; 2 bad input (one line on stderr:
+what, and how to fix it); 74 stopped by a signal but the stop-save failed; 75 stopped by a signal
+after saving a checkpoint (requeue or run again to resume); anything else is a crash and keeps its
+traceback. Configures logging once. Nothing imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from scaletrain.errors import ScaletrainError
+from scaletrain.errors import ExitCode, ScaletrainError
 
 log = logging.getLogger("scaletrain")
-
-EXIT_BAD_INPUT = 2
-
 
 def _setup_logging(level: str, rank: int) -> None:
     root = logging.getLogger("scaletrain")
@@ -41,8 +38,9 @@ def _setup_logging(level: str, rank: int) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from scaletrain import dist
     from scaletrain.config import load_config
-    from scaletrain.loop import EXIT_PREEMPTED, plan_run, train
+    from scaletrain.loop import StopRequest, plan_run, train
 
+    stop = StopRequest().install()  # first: a SIGUSR1/SIGTERM during start-up is a clean stop too
     launch = dist.current_launch(sys.argv)
     # Until the process group exists every rank runs the same checks on the same input, so a bad input
     # fails identically everywhere: `main` lets rank 0 alone print it.
@@ -53,31 +51,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
     ctx = dist.init(launch, timeout_s=cfg.backend.timeout_s)
     args.pre_init_rank = None  # from here on an error may be this rank's alone: every rank reports
     try:
-        result = train(plan, ctx)
+        result = train(plan, ctx, stop=stop)
     except BaseException as e:
         if not isinstance(e, (ScaletrainError, KeyboardInterrupt)):
             log.error("rank %d failed: %s: %s", ctx.rank, type(e).__name__, e)
         raise
     finally:
-        dist.teardown()
-    code = EXIT_PREEMPTED if result.preempted else 0
-    if cfg.backend.kind == "deepspeed":
-        _exit_now(code)
+        leftover = dist.teardown()
+    code = ExitCode.OK
+    if result.preempted:
+        code = ExitCode.PREEMPTED if result.stop_saved else ExitCode.STOP_UNSAVED
+    if leftover:
+        _exit_now(code, leftover)
     return code
 
 
-def _exit_now(code: int) -> None:
+def _exit_now(code: int, threads: list[str]) -> None:
     """Exit without interpreter finalisation, after everything of ours is flushed and closed.
 
-    With deepspeed 0.19.8 on the CPU accelerator a native thread can outlive interpreter shutdown and
-    abort the process ("terminate called without an active exception", exit -6) after a run that
-    completed and saved; seen in about 1 of 10 resumed runs. The checkpoint is committed and the
-    process group destroyed by now, so nothing is lost by skipping finalisers.
+    Only when communication threads outlive `dist.teardown`: a process group someone else still
+    references (deepspeed 0.19.8 keeps the groups it creates; torch-native runs leave none) would be
+    torn down during finalisation, where gloo aborts the process (SIGABRT) after a completed run.
+    The checkpoint is committed and the process group destroyed by now, so nothing is lost.
     """
+    import os
+
+    log.debug("%d communication threads outlive the process group (%s); exiting without finalisers",
+              len(threads), ", ".join(sorted(set(threads))))
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(int(code))
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -106,7 +110,9 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML/JSON/YAML config file")
-    p.add_argument("--ds", type=Path, help="DeepSpeed JSON: selects backend=deepspeed with that config")
+    from scaletrain.engines.registry import DS_FLAG_HELP
+
+    p.add_argument("--ds", type=Path, help=DS_FLAG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
 
 
@@ -160,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.debug("rank %d: error: %s", rank, e)
         else:
             print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -147,6 +147,7 @@ def init(launch: LaunchInfo, *, timeout_s: float = 600.0, device: str | None = N
         dev = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
+        _import_before_init()
         if launch.launcher == "single":
             init_method = f"tcp://127.0.0.1:{_free_port()}"
         else:
@@ -164,9 +165,61 @@ def init(launch: LaunchInfo, *, timeout_s: float = 600.0, device: str | None = N
     return DistContext(launch.rank, launch.local_rank, launch.world_size, dev, launch.launcher)
 
 
-def teardown() -> None:
+def _import_before_init() -> None:
+    """Import what captures the default process group at import time, while there is none.
+
+    `torch.distributed.nn.functional` (imported by FSDP, DCP's sharded tensors and DeepSpeed) declares
+    `group=group.WORLD` as default arguments: imported after `init_process_group`, those defaults hold
+    the default group forever, so `destroy_process_group` cannot free it and its gloo threads
+    (`pt_gloo_runloop`, `gloo_tcp_loop`) are torn down during interpreter finalisation, which aborts
+    the process (SIGABRT, "terminate called without an active exception") after a completed run.
+    Seen with torch 2.13; importing the module first makes those defaults None.
+    """
+    import torch.distributed.nn  # noqa: F401
+
+
+def teardown() -> list[str]:
+    """Destroy every process group and let their native worker threads end before Python exits.
+    Returns the names of communication threads still alive afterwards (see `native_comm_threads`).
+
+    A process group that something still references after `destroy_process_group` is freed during
+    interpreter finalisation, when tearing down gloo's worker threads aborts the process (SIGABRT,
+    "terminate called without an active exception") after a run that completed. Two such references
+    exist in torch 2.13: default arguments captured at import (see `_import_before_init`), and device
+    meshes kept alive by torch's own caches, each holding its groups in `_pg_registry`. Dropping those
+    registries, then destroying the groups, frees every group while the runtime is whole; the
+    meshes left behind cannot be used for collectives any more, which is what teardown means.
+    """
+    import gc
+
+    gc.collect()
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        for obj in gc.get_objects():
+            if type(obj) is DeviceMesh:  # exact type: isinstance on every object wakes deprecated proxies
+                getattr(obj, "_pg_registry", {}).clear()
+    except ImportError:  # pragma: no cover (a torch without DeviceMesh)
+        pass
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
+    return native_comm_threads()
+
+
+def native_comm_threads() -> list[str]:
+    """Names of this process's native gloo/NCCL threads (Linux; [] elsewhere). Non-empty after
+    `teardown` means a process group is still referenced and will be torn down at exit."""
+    names = []
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/comm") as f:
+                name = f.read().strip()
+            if "gloo" in name or "nccl" in name.lower():
+                names.append(name)
+    except OSError:
+        return []
+    return sorted(names)
 
 
 # ---------------------------------------------------------------------------------------------

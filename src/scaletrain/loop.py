@@ -1,9 +1,12 @@
 """The shared training loop: one loop for every backend. Train, evaluate, log, checkpoint, resume, stop.
 
 `plan_run` checks everything that can be checked before a process group exists (data, batch
-arithmetic, the run directory), identically on every rank. `train` then builds the engine and runs.
-The loop never asks which backend it has. Rank-0-only work is limited to the metrics sink and the
-checkpoint manifest; evaluation runs on every rank (a rank-0-only forward hangs FSDP and ZeRO-3).
+arithmetic, the run directory, the backend's own rules through the registry), identically on every
+rank. `train` then builds the engine and runs. The loop never asks which backend it has: what differs
+is behind the engine's verbs and the registry's entries, and what users add comes in as callbacks.
+Rank-0-only work is limited to the metrics sink and the checkpoint manifest; evaluation runs on every
+rank (a rank-0-only forward hangs FSDP and ZeRO-3).
+Imports: config, data, dist, engines, checkpoint.manager, callbacks, train_state, metrics, model, optim.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import signal
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,38 +24,44 @@ import torch
 
 from scaletrain import data as data_mod
 from scaletrain import dist
+from scaletrain.callbacks import Callback, CallbackList, RunInfo, SinkCallback
 from scaletrain.checkpoint.manager import CheckpointManager
 from scaletrain.config import Config, TrainConfig, resolve_grad_accum
-from scaletrain.engines import Engine, EngineSpec, build_engine
+from scaletrain.engines import Engine, EngineSpec, registry
 from scaletrain.errors import ConfigError, TrainingError
 from scaletrain.metrics import Throughput, make_sink
 from scaletrain.model import build_model, count_params
 from scaletrain.optim import build_adamw, lr_at
+from scaletrain.train_state import TrainState, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again (or requeue) to resume
 
 
 @dataclass(frozen=True)
 class RunPlan:
     cfg: Config
     data_meta: data_mod.DataMeta
-    batch: data_mod.BatchPlan
+    batch: data_mod.BatchPlan  # world_size here is the data-parallel size (world / tp_size)
     vocab_size: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch.global_batch_size * self.cfg.model.block_size
 
 
 @dataclass
 class RunResult:
     last_step: int
-    preempted: bool = False
+    preempted: bool = False  # stopped by SIGUSR1/SIGTERM
+    stopped: bool = False  # stopped at a callback's request
+    stop_saved: bool = True  # the checkpoint of a preemption or requested stop was committed
     final_val_loss: float | None = None
-    losses: list[float] = field(default_factory=list)
+    best_val_loss: float | None = None
 
 
-def resolve_batch(train: TrainConfig, world_size: int) -> data_mod.BatchPlan:
+def resolve_batch(train: TrainConfig, dp_size: int) -> data_mod.BatchPlan:
     """grad_accum from train.global_batch_size when given; a global batch that does not divide fails."""
-    return data_mod.BatchPlan(train.micro_batch_size, resolve_grad_accum(train, world_size), world_size)
+    return data_mod.BatchPlan(train.micro_batch_size, resolve_grad_accum(train, dp_size), dp_size)
 
 
 def plan_run(cfg: Config, world_size: int) -> RunPlan:
@@ -69,12 +78,9 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
         raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the data's vocab_size ({meta.vocab_size})")
     if cfg.model.init_from is not None and not Path(cfg.model.init_from).is_file():
         raise ConfigError(f"model.init_from: {cfg.model.init_from} is not a file; give a consolidated weights file")
-    batch = resolve_batch(cfg.train, world_size)
+    registry.validate(cfg, world_size)
+    batch = resolve_batch(cfg.train, world_size // cfg.backend.tp_size)
     _check_run_dir(cfg)
-    if cfg.backend.kind == "deepspeed":  # its JSON's "auto" values and conflicts, before any process group
-        from scaletrain.ds_config import resolve_ds_config
-
-        resolve_ds_config(cfg, world_size=world_size)
     return RunPlan(cfg, meta, batch, vocab)
 
 
@@ -91,16 +97,23 @@ def _check_run_dir(cfg: Config) -> None:
         raise ConfigError(f"run.out_dir: {cfg.run.out_dir} exists and is not a folder")
 
 
-class _StopRequest:
-    """SIGUSR1 (SLURM's warning before preemption) and SIGTERM: finish the step, save, exit 75."""
+class StopRequest:
+    """SIGUSR1 (SLURM's warning before preemption) and SIGTERM: finish the step, save, exit 75.
+
+    Installed before anything slow happens (the CLI does it first), so a signal during start-up is a
+    clean stop too. Only the main thread may install handlers; elsewhere this is a no-op."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous: dict[int, Any] = {}
 
-    def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
+    def install(self) -> StopRequest:
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.requested = True  # a second signal during the save changes nothing
@@ -111,23 +124,11 @@ class _StopRequest:
             # launcher may SIGTERM the slower ranks once a faster one has exited (srun
             # --kill-on-bad-exit, torchrun); that must not turn a clean stop into a crash.
             signal.signal(sig, signal.SIG_IGN if self.requested else handler)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        self._previous.clear()
 
 
 def make_engine(plan: RunPlan, ctx: dist.DistContext) -> Engine:
+    """Collective. The configured backend's engine over the configured model and optimizer."""
     cfg = plan.cfg
     init_state = None
     if cfg.model.init_from is not None:
@@ -140,15 +141,16 @@ def make_engine(plan: RunPlan, ctx: dist.DistContext) -> Engine:
         grad_accum=plan.batch.grad_accum,
         grad_clip=cfg.train.grad_clip,
         micro_batch_size=cfg.train.micro_batch_size,
+        seed=cfg.run.seed,
         model_factory=lambda: build_model(cfg.model, plan.vocab_size),
         optimizer_factory=lambda m: build_adamw(m, cfg.optim, device_type=ctx.device_type),
-        lr_fn=lambda n: lr_at(n, peak=cfg.optim.lr, cfg=cfg.schedule, max_steps=cfg.train.max_steps),
         compile=cfg.model.compile,
         checkpoint_format=cfg.checkpoint.format,
         init_state=init_state,
+        allow_tf32=cfg.train.allow_tf32,
     )
     torch.manual_seed(cfg.run.seed)  # identical init on every rank: sharded engines rely on it
-    return build_engine(spec, cfg)
+    return registry.build_engine(spec, cfg)
 
 
 def evaluate(engine: Engine, batches: data_mod.Batches, num_batches: int, ctx: dist.DistContext) -> float:
@@ -172,11 +174,12 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def train_step(engine: Engine, micro: list, ctx: dist.DistContext, stop_requested: bool = False):
-    """Collective. One optimizer step over this rank's micro-batches.
+def train_step(engine: Engine, micro: list, ctx: dist.DistContext, lr: float,
+               votes: Sequence[bool] = ()) -> tuple[float, Any, list[float]]:
+    """Collective. One optimizer step over this rank's micro-batches at learning rate `lr`.
 
-    Returns (global mean loss, StepStats, number of ranks asked to stop). One collective besides the
-    engine's own: the loss and the stop votes travel together.
+    Returns (global mean loss, StepStats, each vote summed over ranks). One collective besides the
+    engine's own: the loss and the stop votes (signal, callback) travel together.
     """
     loss_sum = torch.zeros((), device=ctx.device)
     for m, mb in enumerate(micro):
@@ -184,108 +187,148 @@ def train_step(engine: Engine, micro: list, ctx: dist.DistContext, stop_requeste
             loss = engine.forward(mb)
             engine.backward(loss)
         loss_sum += loss.detach().float()
-    total, stop_votes = dist.all_reduce_sum([float(loss_sum) / len(micro), float(stop_requested)], ctx.device)
+    total, *summed = dist.all_reduce_sum([float(loss_sum) / len(micro), *map(float, votes)], ctx.device)
     loss_value = total / ctx.world_size
-    stats = engine.step(force_skip=not math.isfinite(loss_value))
-    return loss_value, stats, stop_votes
+    stats = engine.step(lr, force_skip=not math.isfinite(loss_value))
+    return loss_value, stats, summed
 
 
-def train(plan: RunPlan, ctx: dist.DistContext) -> RunResult:
+class _Run:
+    """One invocation of `train`: the pieces every step needs, built once."""
+
+    def __init__(self, plan: RunPlan, ctx: dist.DistContext, callbacks: Sequence[Callback]) -> None:
+        cfg = plan.cfg
+        self.plan, self.cfg, self.ctx = plan, cfg, ctx
+        self.info = RunInfo(cfg.run.out_dir, ctx.rank, ctx.world_size, cfg.train.max_steps, cfg.to_json_dict())
+        self.callbacks = CallbackList([SinkCallback(make_sink(ctx.is_main, cfg.run.out_dir, cfg.logging,
+                                                              self.info.config)), *callbacks])
+        self.engine = make_engine(plan, ctx)
+        self.ckpt = CheckpointManager(cfg.run.out_dir / "ckpt", cfg.checkpoint, ctx)
+        self.state = self._resume()
+        tp = cfg.backend.tp_size
+        # Ranks of one tensor-parallel group (neighbours on the mesh's innermost dim) read the same data.
+        self.batches = data_mod.Batches(cfg.data.path, plan.data_meta, block_size=cfg.model.block_size,
+                                        plan=plan.batch, rank=ctx.rank // tp, seed=cfg.run.seed)
+
+    def _resume(self) -> TrainState:
+        """Collective. Load the newest intact checkpoint, restore counters and RNG."""
+        client = self.ckpt.resume(self.engine)
+        state = TrainState.from_client_state(client)
+        if self.ctx.is_main:
+            _truncate_metrics(self.cfg.run.out_dir / "metrics.jsonl", state.step)
+        rngs = (client or {}).get("rng") or []
+        if len(rngs) == self.ctx.world_size:
+            set_rng_state(rngs[self.ctx.rank])
+        elif client:  # world size changed: a fresh, deterministic stream per rank
+            torch.manual_seed(self.cfg.run.seed + 1000 * state.step + self.ctx.rank)
+        return state
+
+    def lr(self, step: int) -> float:
+        cfg = self.cfg
+        return lr_at(step, peak=cfg.optim.lr, cfg=cfg.schedule, max_steps=cfg.train.max_steps)
+
+    def save(self, val_loss: float | None) -> bool:
+        """Collective. Gather every rank's RNG into the client state and save one tag."""
+        cfg, state = self.cfg, self.state
+        client_state = state.client_state(dist.all_gather_object(rng_state()))
+        meta = {
+            "backend": registry.spec_of(cfg), "world_size": self.ctx.world_size, "precision": cfg.precision,
+            "format": self.engine.checkpoint_format, "tokens": state.tokens, "val_loss": val_loss,
+            "config": self.info.config, "model": {"factory": cfg.model.factory, "vocab_size": self.plan.vocab_size},
+        }
+        ok = self.ckpt.save(self.engine, state.step, client_state, meta)
+        if ok:
+            self.callbacks.save(self.info, state, self.ckpt.dir / f"step_{state.step:08d}")
+        return ok
+
+
+def _record(state: TrainState, loss: float, stats: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {"step": state.step, "loss": loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                              "tokens": state.tokens}
+    if stats.skipped:
+        record.update(skipped=True, skipped_total=state.skipped_total)
+    if stats.loss_scale is not None:
+        record["loss_scale"] = stats.loss_scale
+    return record
+
+
+def train(plan: RunPlan, ctx: dist.DistContext, callbacks: Sequence[Callback] = (),
+          stop: StopRequest | None = None) -> RunResult:
     """Collective. The whole run on an initialised process group."""
-    cfg, batch = plan.cfg, plan.batch
-    run_dir = cfg.run.out_dir
+    stop = stop or StopRequest()
+    stop.install()  # before the engine is built: a signal during start-up is a clean stop too
+    cfg = plan.cfg
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
+        cfg.run.out_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run.out_dir / "config.json").write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
     dist.barrier()
-    engine = make_engine(plan, ctx)
-    ckpt = CheckpointManager(run_dir / "ckpt", cfg.checkpoint, ctx)
-    state = ckpt.resume(engine) or {}
-    start = int(state.get("step", 0))
-    if ctx.is_main:
-        _truncate_metrics(run_dir / "metrics.jsonl", start)
-    rngs = state.get("rng") or []
-    if len(rngs) == ctx.world_size:
-        _set_rng_state(rngs[ctx.rank])
-    elif state:
-        torch.manual_seed(cfg.run.seed + 1000 * start + ctx.rank)  # world size changed: fresh, deterministic
-    batches = data_mod.Batches(cfg.data.path, plan.data_meta, block_size=cfg.model.block_size, plan=batch,
-                               rank=ctx.rank, seed=cfg.run.seed)
-    sink = make_sink(ctx.is_main, run_dir, cfg.logging, cfg.to_json_dict())
-    log.info(
-        "%s | %s params | global batch %d = micro %d x accum %d x world %d | %d tokens/step | steps %d..%d",
-        engine.name, f"{count_params(engine.module):,}", batch.global_batch_size, batch.micro_batch_size,
-        batch.grad_accum, batch.world_size, batch.global_batch_size * cfg.model.block_size, start + 1,
-        cfg.train.max_steps,
-    )
-    stop = _StopRequest()
-    stop.install()
-    result = RunResult(last_step=start)
-    tokens_per_step = batch.global_batch_size * cfg.model.block_size
-    skipped_in_row = int(state.get("skipped_in_row", 0))
-    skipped_total = int(state.get("skipped_total", 0))
-    val_loss: float | None = None
-    speed = Throughput()
-    sink.start(cfg.train.max_steps, start)
+    run = _Run(plan, ctx, callbacks)
+    result = RunResult(last_step=run.state.step, best_val_loss=run.state.best_val_loss)
     try:
-        for step in range(start, cfg.train.max_steps):
-            loss_value, stats, stop_votes = train_step(engine, batches.train_micro_batches(step), ctx, stop.requested)
-            done = step + 1
-            skipped_in_row = skipped_in_row + 1 if stats.skipped else 0
-            speed.add(tokens_per_step)
-            record: dict[str, Any] = {"step": done, "loss": loss_value, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                                      "tokens": done * tokens_per_step}
-            if stats.skipped:
-                skipped_total += 1
-                record.update(skipped=True, skipped_total=skipped_total)
-            if stats.loss_scale is not None:
-                record["loss_scale"] = stats.loss_scale
-            is_last = done == cfg.train.max_steps or done == cfg.train.stop_at
-            if done % cfg.train.log_every == 0 or is_last or stats.skipped:
-                record.update(speed.report())
-                record["eta_s"] = (cfg.train.max_steps - done) * record["step_ms"] / 1000
-            val_loss = None
-            if cfg.train.eval_steps and (is_last or (cfg.train.eval_every and done % cfg.train.eval_every == 0)):
-                val_loss = evaluate(engine, batches, cfg.train.eval_steps, ctx)
-                record["val_loss"] = val_loss
-                result.final_val_loss = val_loss
-            sink.log(record, console=done % cfg.train.log_every == 0 or is_last or "val_loss" in record)
-            result.losses.append(loss_value)
-            result.last_step = done
-            if skipped_in_row > cfg.train.max_skipped_steps:
-                raise TrainingError(
-                    f"{skipped_in_row} non-finite steps in a row (train.max_skipped_steps="
-                    f"{cfg.train.max_skipped_steps}) at step {done}; the last good checkpoint is untouched; "
-                    "lower optim.lr or use precision=bf16"
-                )
-            preempt = stop_votes > 0
-            if is_last or preempt or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
-                _save(ckpt, engine, ctx, plan, done, val_loss,
-                      {"skipped_in_row": skipped_in_row, "skipped_total": skipped_total})
-            if done == cfg.train.stop_at:
-                break
-            if preempt:
-                log.warning("stop requested by a signal: saved step %d, exiting with code %d", done, EXIT_PREEMPTED)
-                result.preempted = True
-                break
-        ckpt.finish_pending()
+        log.info(
+            "%s | %s params | global batch %d = micro %d x accum %d x data-parallel %d | %d tokens/step | steps %d..%d",
+            run.engine.name, f"{count_params(run.engine.module):,}", plan.batch.global_batch_size,
+            plan.batch.micro_batch_size, plan.batch.grad_accum, plan.batch.world_size, plan.tokens_per_step,
+            run.state.step + 1, cfg.train.max_steps,
+        )
+        run.callbacks.train_start(run.info, run.state)
+        _steps(run, stop, result)
+        run.ckpt.finish_pending()
+    except BaseException:
+        run.callbacks.train_end(run.info, run.state, None)
+        raise
     finally:
         stop.restore()
-        sink.close()
-        engine.close()
+        run.engine.close()
+    result.best_val_loss = run.state.best_val_loss
+    run.callbacks.train_end(run.info, run.state, result)
     return result
 
 
-def _save(ckpt: CheckpointManager, engine: Engine, ctx: dist.DistContext, plan: RunPlan, step: int,
-          val_loss: float | None, counters: dict[str, int]) -> None:
-    """Collective. Gather every rank's RNG into the client state and save one tag."""
-    cfg = plan.cfg
-    client_state = {"step": step, **counters, "rng": dist.all_gather_object(_rng_state()),
-                    "tokens": step * plan.batch.global_batch_size * cfg.model.block_size}
-    meta = {
-        "backend": cfg.backend.kind, "world_size": ctx.world_size, "precision": cfg.precision,
-        "format": cfg.checkpoint.format if cfg.backend.kind != "deepspeed" else "deepspeed",
-        "tokens": client_state["tokens"], "val_loss": val_loss, "config": cfg.to_json_dict(),
-        "model": {"factory": cfg.model.factory, "vocab_size": plan.vocab_size},
-    }
-    ckpt.save(engine, step, client_state, meta)
+def _steps(run: _Run, stop: StopRequest, result: RunResult) -> None:
+    """Collective. The step loop, from the resumed step to max_steps, stop_at or an agreed stop."""
+    cfg, ctx, state = run.cfg, run.ctx, run.state
+    # A signal that came during start-up: stop before training (the resumed checkpoint stands).
+    if dist.all_reduce_sum([float(stop.requested)], ctx.device)[0] > 0:
+        log.warning("stop requested by a signal before the first step; exiting with nothing new to save")
+        result.preempted = True
+        return
+    speed = Throughput()
+    while state.step < cfg.train.max_steps:
+        micro = run.batches.train_micro_batches(state.step)
+        loss, stats, (signals, asks) = train_step(run.engine, micro, ctx, run.lr(state.step),
+                                                  (stop.requested, run.callbacks.stop_vote))
+        state.record_step(skipped=stats.skipped, tokens=run.plan.tokens_per_step)
+        speed.add(run.plan.tokens_per_step)
+        done = state.step
+        record = _record(state, loss, stats)
+        is_last = done == cfg.train.max_steps or done == cfg.train.stop_at
+        if done % cfg.train.log_every == 0 or is_last or stats.skipped:
+            record.update(speed.report())
+            record["eta_s"] = (cfg.train.max_steps - done) * record["step_ms"] / 1000
+        val_loss = None
+        if cfg.train.eval_steps and (is_last or (cfg.train.eval_every and done % cfg.train.eval_every == 0)):
+            val_loss = evaluate(run.engine, run.batches, cfg.train.eval_steps, ctx)
+            record["val_loss"] = result.final_val_loss = val_loss
+            state.record_eval(val_loss)
+        run.callbacks.step_end(run.info, state, record)
+        result.last_step = done
+        if state.skipped_in_row > cfg.train.max_skipped_steps:
+            raise TrainingError(
+                f"{state.skipped_in_row} non-finite steps in a row (train.max_skipped_steps="
+                f"{cfg.train.max_skipped_steps}) at step {done}; the last good checkpoint is untouched; "
+                "lower optim.lr or use precision=bf16"
+            )
+        if val_loss is not None:
+            run.callbacks.eval(run.info, state, val_loss)
+            asks = dist.all_reduce_sum([float(run.callbacks.stop_vote)], ctx.device)[0]
+        result.preempted, result.stopped = signals > 0, asks > 0 and not signals > 0
+        requested = result.preempted or result.stopped
+        if is_last or requested or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+            saved = run.save(val_loss)
+            result.stop_saved = saved or not requested
+        if requested:
+            log.warning("stop requested by %s: %s step %d", "a signal" if result.preempted else "a callback",
+                        "saved" if result.stop_saved else "could NOT save", done)
+        if done == cfg.train.stop_at or requested:
+            break

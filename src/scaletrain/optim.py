@@ -12,14 +12,11 @@ Imports: torch, `scaletrain.config`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
 from scaletrain.config import OptimConfig, ScheduleConfig
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter] | list[dict]], torch.optim.Optimizer]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -65,8 +62,3 @@ def lr_at(step: int, *, peak: float, cfg: ScheduleConfig, max_steps: int) -> flo
     if cfg.kind == "linear":
         return peak + (cfg.min_lr - peak) * progress
     return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

@@ -169,7 +169,7 @@ def _full_state(rank: int, world: int) -> dict:
             spec = EngineSpec(ctx=ctx, precision=cfg.precision, grad_accum=1, grad_clip=1.0, micro_batch_size=2,
                               model_factory=lambda cfg=cfg: build_model(cfg.model, 64),
                               optimizer_factory=lambda m, cfg=cfg: build_adamw(m, cfg.optim, device_type="cpu"),
-                              lr_fn=lambda n: 1e-3)
+                              seed=0)
             torch.manual_seed(0)
             engine = build_engine(spec, cfg)
             full = engine.full_state_dict()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,12 +48,13 @@ class EngineSpec:
     grad_accum: int
     grad_clip: float
     micro_batch_size: int
-    model_factory: Callable[[], nn.Module]  # builds the model in fp32 on the CPU (or meta)
+    seed: int  # initial weights are a function of (seed, parameter name): the same on every backend
+    model_factory: Callable[[], nn.Module]  # builds the model in fp32 (engines choose CPU or meta)
     optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer]
-    lr_fn: Callable[[int], float]  # lr of optimizer step n (0-based)
     compile: bool = False
     checkpoint_format: str = "sharded"
     init_state: Callable[[], dict[str, torch.Tensor]] | None = None  # full weights to start from
+    allow_tf32: bool = True
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -66,14 +66,20 @@ class Engine(ABC):
     """One backend behind one interface. Subclasses fill the hooks; they never inherit each other."""
 
     name: ClassVar[str]
+    # What meta.json records as `format` and `consolidate` reads: "sharded", "full" or "deepspeed".
+    checkpoint_format: str = "sharded"
     # Whether save_checkpoint can return before the files are written (see `wait_for_save`).
     supports_async_save: ClassVar[bool] = False
 
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
         self.ctx = spec.ctx
-        self.num_steps = 0  # optimizer steps taken, skipped ones included: drives the schedule
         self._autocast_dtype = DTYPES[spec.precision]
+        if spec.ctx.device_type == "cuda":
+            # fp32 matmuls on TF32 tensor cores unless train.allow_tf32=false (10-bit mantissa inputs,
+            # fp32 accumulation: nanoGPT's default and several times the fp32 throughput on A100/H100).
+            torch.backends.cuda.matmul.allow_tf32 = spec.allow_tf32
+            torch.backends.cudnn.allow_tf32 = spec.allow_tf32
 
     # ------------------------------------------------------------------ the model as the loop sees it
 
@@ -123,9 +129,10 @@ class Engine(ABC):
         1/grad_accum and any fp16 loss scaling; never steps."""
 
     @abstractmethod
-    def step(self, *, force_skip: bool = False) -> StepStats:
-        """Collective. Once per optimizer step: unscale, clip to grad_clip over all shards, update
-        (or skip on non-finite gradients or `force_skip`), set the next lr, zero gradients."""
+    def step(self, lr: float, *, force_skip: bool = False) -> StepStats:
+        """Collective. Once per optimizer step: unscale, clip to grad_clip over all shards, update with
+        learning rate `lr` (or skip on non-finite gradients or `force_skip`), zero gradients. The loop
+        owns the schedule and the step count; engines hold no clock."""
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -137,8 +144,9 @@ class Engine(ABC):
         are written; `wait_for_save` then blocks until they are. Others ignore it and write in place."""
 
     @abstractmethod
-    def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        """Collective. Restore the state saved in `path`; returns the client_state saved with it."""
+    def load_checkpoint(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        """Collective. Restore the state saved in `path`, whose verified `meta.json` is `meta`; returns
+        the client_state saved with it."""
 
     def wait_for_save(self) -> None:  # noqa: B027 (a hook with a do-nothing default)
         """Local. Block until an asynchronous save has finished writing (no-op when saves are sync)."""
@@ -150,53 +158,3 @@ class Engine(ABC):
     def close(self) -> None:
         """Local. Wait for background work; the process group belongs to `dist`, not to the engine."""
         self.wait_for_save()
-
-    # ------------------------------------------------------------------ shared step rules
-
-    def _next_lr(self) -> float:
-        return self.spec.lr_fn(self.num_steps)
-
-
-def grad_norm_value(norm: torch.Tensor) -> float:
-    """A float from clip_grad_norm_'s result, which is a DTensor when the gradients are sharded."""
-    full = getattr(norm, "full_tensor", None)
-    return float(full() if callable(full) else norm)
-
-
-def torch_optimizer_step(
-    *,
-    params: list[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    grad_clip: float,
-    lr: float,
-    force_skip: bool,
-    clip_fn: Callable[[list[nn.Parameter], float], torch.Tensor] | None = None,
-) -> StepStats:
-    """The step that DDP and FSDP share: unscale, global-norm clip, update or skip, zero grads.
-
-    Collective: the norm is reduced over all shards (FSDP) or is identical on every rank (DDP, whose
-    gradients were all-reduced), so every rank reaches the same skip decision without a broadcast.
-    """
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    clip = clip_fn or (lambda ps, max_norm: torch.nn.utils.clip_grad_norm_(ps, max_norm, foreach=True))
-    norm = grad_norm_value(clip(params, grad_clip if grad_clip > 0 else math.inf))
-    finite = math.isfinite(norm)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    skipped = force_skip or not finite
-    scale = None
-    if scaler is not None:
-        if force_skip:
-            optimizer.zero_grad(set_to_none=True)
-        before = scaler.get_scale()
-        if not force_skip:
-            scaler.step(optimizer)  # skips by itself when the unscale found inf/nan
-        scaler.update()
-        scale = scaler.get_scale()
-        skipped = skipped or scale < before
-    elif not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepStats(grad_norm=norm, lr=lr, skipped=skipped, loss_scale=scale)

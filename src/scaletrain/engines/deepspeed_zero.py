@@ -53,6 +53,8 @@ def _quiet_deepspeed() -> None:
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
+    checkpoint_format = "deepspeed"
+
     def __init__(self, spec: EngineSpec, ds_cfg: DeepSpeedConfig, resolved: dict[str, Any], optim: OptimConfig):
         # ds_cfg's stage and offload flags are already merged into `resolved` by scaletrain.ds_config.
         super().__init__(spec)
@@ -112,11 +114,10 @@ class DeepSpeedEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         self._ds.backward(loss)  # divides by gradient_accumulation_steps (= our grad_accum) itself
 
-    def step(self, *, force_skip: bool = False) -> StepStats:
+    def step(self, lr: float, *, force_skip: bool = False) -> StepStats:
         """Collective. DeepSpeed computes the global norm (all-reduced, so every rank agrees), clips,
         and skips the update when the norm is not finite; `force_skip` makes the inner optimizer's
         step a no-op for this call, so parameters, moments and step counts stay as they were."""
-        lr = self._next_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with self._no_update() if force_skip else contextlib.nullcontext():
@@ -125,7 +126,6 @@ class DeepSpeedEngine(Engine):
         norm = float(norm) if norm is not None else math.nan
         skipped = force_skip or not self._ds.was_step_applied() or not math.isfinite(norm)
         scale = float(self.optimizer.loss_scale) if self.spec.precision == "fp16" else None
-        self.num_steps += 1
         return StepStats(grad_norm=norm, lr=lr, skipped=skipped, loss_scale=scale)
 
     @contextlib.contextmanager
@@ -141,11 +141,11 @@ class DeepSpeedEngine(Engine):
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, path: Path, client_state: dict[str, Any], *, async_save: bool = False) -> None:
-        state = {STATE_KEY: {"client_state": client_state, "num_steps": self.num_steps}}
+        state = {STATE_KEY: {"client_state": client_state}}
         # Collective. DeepSpeed's `latest` is not written: the harness's meta.json and ckpt/latest rule.
         self._ds.save_checkpoint(save_dir=str(path), tag=DS_TAG, client_state=state, save_latest=False)
 
-    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+    def load_checkpoint(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         meta = layout.read_meta(path) or {}
         saved_world = int(meta.get("world_size", self.ctx.world_size))
         if saved_world != self.ctx.world_size:
@@ -161,7 +161,6 @@ class DeepSpeedEngine(Engine):
             raise CheckpointError(f"checkpoint {path}: no DeepSpeed state in {path / DS_TAG}; was it written by "
                                   "backend=deepspeed?")
         state = client[STATE_KEY]
-        self.num_steps = int(state["num_steps"])
         return state["client_state"]
 
     def _load_other_world_size(self, path: Path, saved_world: int) -> dict[str, Any]:

@@ -1,0 +1,157 @@
+"""One engine for every PyTorch-native strategy: DDP, FSDP2 (four sharding strategies, offload,
+mixed precision), tensor parallel, and their compositions.
+
+The engine owns the model, the optimizer, the fp16 loss scaler, clipping, the update and checkpoint
+I/O; how the model is parallelised is decided once, at construction, by composing the `apply_*`
+functions of `scaletrain.parallel` over one device mesh, in torchtitan's order: tensor parallel,
+activation checkpointing, compile, then FSDP (or DDP). Checkpoints go through
+`checkpoint.torch_state`, so every strategy reads every other's files at any world size.
+Imports: torch, `scaletrain.engines`, `scaletrain.parallel`, `scaletrain.checkpoint`, `scaletrain.config`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from scaletrain import parallel
+from scaletrain.checkpoint import torch_state
+from scaletrain.checkpoint.weights import complete_tied
+from scaletrain.config import DDPConfig, FSDPConfig
+from scaletrain.engines.base import Engine, EngineSpec, StepStats
+from scaletrain.engines.grads import LossScaler, clip_grads_, global_grad_norm
+
+log = logging.getLogger(__name__)
+
+
+class TorchNativeEngine(Engine):
+    """DDP when `fsdp` is None, else FSDP2 with the given strategy; tensor parallel when tp_size > 1."""
+
+    name = "torch"
+    supports_async_save = True
+
+    def __init__(self, spec: EngineSpec, *, ddp: DDPConfig | None = None, fsdp: FSDPConfig | None = None,
+                 tp_size: int = 1) -> None:
+        super().__init__(spec)
+        self.name = ("fsdp" if fsdp is not None else "ddp") + (f"+tp{tp_size}" if tp_size > 1 else "")
+        self.checkpoint_format = spec.checkpoint_format
+        model = spec.model_factory()
+        if spec.init_state is not None:  # before any wrapping: a plain module takes the full dict
+            model.load_state_dict(complete_tied(model, spec.init_state()), strict=True)
+        self._raw = model  # plain parameter names: no `module.` or `_orig_mod.` in checkpoints
+        self.mesh = parallel.build_mesh(spec.ctx, fsdp=fsdp, tp_size=tp_size) if fsdp or tp_size > 1 else None
+        self._fsdp = fsdp is not None
+        self._fwd = self._parallelize(model, ddp=ddp, fsdp=fsdp, tp_size=tp_size)
+        self.optimizer = spec.optimizer_factory(model)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self.scaler = LossScaler() if spec.precision == "fp16" else None
+        self._pending_save: Callable[[], None] | None = None
+        if fsdp is not None:
+            log.info("%s: FSDP %s on mesh %s%s%s", self.name, fsdp.sharding, dict(zip(self.mesh.mesh_dim_names,
+                     self.mesh.shape)), ", cpu offload" if fsdp.cpu_offload else "",
+                     ", activation checkpointing" if fsdp.activation_checkpointing else "")
+
+    def _parallelize(self, model: nn.Module, *, ddp: DDPConfig | None, fsdp: FSDPConfig | None,
+                     tp_size: int) -> Callable:
+        """Collective. Compose the strategy; returns the callable that runs forward."""
+        spec = self.spec
+        if tp_size > 1:
+            parallel.apply_tp(model, self.mesh)
+        blocks = parallel.model_blocks(model, fsdp.wrap_classes if fsdp is not None else ())
+        if fsdp is not None and fsdp.activation_checkpointing:
+            parallel.apply_ac(blocks)
+        if fsdp is None:
+            model.to(spec.ctx.device)
+            return parallel.apply_ddp(model, ddp or DDPConfig(), device=spec.ctx.device, compile=spec.compile)
+        if spec.compile:
+            parallel.apply_compile(blocks)
+        # fully_shard moves each unit to the device as it shards it, so the whole unsharded model is
+        # never on the device at once; with cpu_offload the shards then go back to the CPU.
+        parallel.apply_fsdp(model, blocks, fsdp, mesh=self.mesh, precision=spec.precision,
+                            device_type=spec.ctx.device_type)
+        return model
+
+    # ------------------------------------------------------------------ forward / backward / step
+
+    @property
+    def module(self) -> nn.Module:
+        return self._raw
+
+    def _forward_module(self) -> Callable:
+        return self._fwd
+
+    @contextlib.contextmanager
+    def _no_sync(self) -> Iterator[None]:
+        if not self._fsdp:
+            with self._fwd.no_sync():  # DDP decides in forward, so this covers forward and backward
+                yield
+            return
+        # FSDP2 decides in backward; off the boundary it keeps unsharded gradients and reduces nothing.
+        self._raw.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self._raw.set_requires_gradient_sync(True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.spec.grad_accum
+        (self.scaler.scale_loss(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, lr: float, *, force_skip: bool = False) -> StepStats:
+        """Collective (the norm's all-reduce). Every rank computes the same norm, so every rank makes
+        the same skip decision without a broadcast."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self._params)
+        norm = global_grad_norm(self._params, self.ctx.device)
+        value = float(norm)  # the one host sync of a step: the skip decision and the log need it
+        finite = math.isfinite(value)
+        skipped = force_skip or not finite
+        if not skipped:
+            clip_grads_(self._params, norm, self.spec.grad_clip if self.spec.grad_clip > 0 else math.inf)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        scale = None
+        if self.scaler is not None:
+            self.scaler.update(overflow=skipped)
+            scale = self.scaler.scale
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(grad_norm=value, lr=lr, skipped=skipped, loss_scale=scale)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _engine_state(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else {}}
+
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any], *, async_save: bool = False) -> None:
+        self.wait_for_save()
+        self._pending_save = torch_state.save(
+            path,
+            model=self._raw,
+            optimizer=self.optimizer,
+            fmt=self.spec.checkpoint_format,
+            engine_state=self._engine_state(),
+            client_state=client_state,
+            async_save=async_save and self.spec.checkpoint_format == "sharded",
+        )
+
+    def wait_for_save(self) -> None:
+        if self._pending_save is not None:
+            pending, self._pending_save = self._pending_save, None
+            pending()
+
+    def load_checkpoint(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        engine_state, client_state = torch_state.load(path, model=self._raw, optimizer=self.optimizer)
+        if self.scaler is not None and engine_state.get("scaler"):
+            self.scaler.load_state_dict(engine_state["scaler"])
+        return client_state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return torch_state.full_model_state(self._raw)
