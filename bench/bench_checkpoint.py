@@ -63,15 +63,15 @@ def _engine(args: argparse.Namespace, ctx: Any, fmt: str = "sharded") -> Any:
 
     from scaletrain.config import DDPConfig, ModelConfig
     from scaletrain.engines.base import EngineSpec
-    from scaletrain.engines.ddp import DDPEngine
+    from scaletrain.engines.torch_native import TorchNativeEngine
     from scaletrain.model import GPT
 
     mcfg = ModelConfig(n_layer=args.n_layer, n_head=8, n_embd=args.n_embd, block_size=64)
     spec = EngineSpec(ctx=ctx, precision="fp32", grad_accum=1, grad_clip=1.0, micro_batch_size=2,
-                      model_factory=lambda: GPT(mcfg, 256), lr_fn=lambda n: 1e-4, checkpoint_format=fmt,
+                      model_factory=lambda: GPT(mcfg, 256), seed=0, checkpoint_format=fmt,
                       optimizer_factory=lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4))
     torch.manual_seed(0)
-    return DDPEngine(spec, DDPConfig())
+    return TorchNativeEngine(spec, ddp=DDPConfig())
 
 
 def _train_step(engine: Any) -> None:
@@ -80,7 +80,7 @@ def _train_step(engine: Any) -> None:
     x = torch.randint(0, 256, (2, 64))
     loss = engine.forward((x, x))
     engine.backward(loss)
-    engine.step()
+    engine.step(1e-4)
 
 
 def _timed(fn: Any, *args: Any) -> float:

@@ -98,7 +98,7 @@ def _measure(size: str, args: argparse.Namespace, launch) -> dict:
 
     def harness_steps(n: int) -> None:
         for _ in range(n):
-            loss, stats, _ = train_step(engine, batches.train_micro_batches(h_step[0]), ctx)
+            loss, stats, _ = train_step(engine, batches.train_micro_batches(h_step[0]), ctx, 1e-4)
             h_step[0] += 1
             sink.log(
                 {"step": h_step[0], "loss": loss, "lr": stats.lr, "grad_norm": stats.grad_norm},

@@ -71,16 +71,14 @@ def _build(kind: str, args: argparse.Namespace, ctx: Any) -> Any:
         ctx=ctx, precision="fp32", grad_accum=1, grad_clip=1.0, micro_batch_size=args.micro_batch_size,
         model_factory=lambda: build_model(mcfg, args.vocab_size),
         optimizer_factory=lambda m: build_adamw(m, OptimConfig(), device_type=ctx.device_type),
-        lr_fn=lambda n: 1e-4,
+        seed=0,
     )
     torch.manual_seed(0)
+    from scaletrain.engines.torch_native import TorchNativeEngine
+
     if kind == "ddp":
-        from scaletrain.engines.ddp import DDPEngine
-
-        return DDPEngine(spec, DDPConfig())
-    from scaletrain.engines.fsdp import FSDPEngine
-
-    return FSDPEngine(spec, FSDPConfig(sharding="full_shard"))
+        return TorchNativeEngine(spec, ddp=DDPConfig())
+    return TorchNativeEngine(spec, fsdp=FSDPConfig(sharding="full_shard"))
 
 
 def _train_steps(engine: Any, batch: tuple, n: int) -> float:
@@ -92,7 +90,7 @@ def _train_steps(engine: Any, batch: tuple, n: int) -> float:
     for _ in range(n):
         with engine.accumulate(is_boundary=True):
             engine.backward(engine.forward(batch))
-        engine.step()
+        engine.step(1e-4)
     dist.barrier()
     return (time.perf_counter() - start) / n
 
@@ -115,7 +113,7 @@ def _measure(rank: int, world: int, port: int, args: argparse.Namespace) -> dict
             with engine.accumulate(is_boundary=True):
                 engine.backward(engine.forward(batch))
             out[kind] = model_state_bytes(engine)
-            engine.step()
+            engine.step(1e-4)
         times: dict[str, list[float]] = {"ddp": [], "fsdp": []}
         for _ in range(args.rounds):
             for kind, engine in engines.items():

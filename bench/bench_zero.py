@@ -73,7 +73,7 @@ def _build(args: argparse.Namespace, ctx: Any, backend: str, stage: int, precisi
         build = lambda spec: build_engine(spec, cfg)  # noqa: E731
     spec = EngineSpec(ctx=ctx, precision=cfg.precision, grad_accum=1, grad_clip=1.0,
                       micro_batch_size=args.micro_batch_size, model_factory=lambda: build_model(cfg.model, 256),
-                      optimizer_factory=lambda m: build_adamw(m, cfg.optim, device_type="cpu"), lr_fn=lambda n: 1e-4)
+                      optimizer_factory=lambda m: build_adamw(m, cfg.optim, device_type="cpu"), seed=0)
     torch.manual_seed(0)
     return build(spec)
 
@@ -91,7 +91,7 @@ def _one_step(engine: Any, args: argparse.Namespace, rank: int, step: int, *, up
     with engine.accumulate(is_boundary=boundary):
         engine.backward(engine.forward(_batch(args, rank, step)))
     if update:
-        engine.step()
+        engine.step(1e-4)
 
 
 def _flat(items: Any) -> Any:

@@ -5,6 +5,7 @@ tests/ on PYTHONPATH). Test-only: nothing in the package knows about them.
   (1-based, default 3), so the tests can check that every rank exits, and in bounded time. With
   FAULT_MARK set, the failing rank first writes the time of the fault (time.time()) to that file.
 - `grad_spike_lm`: finite loss, overflowing fp16 gradients at training forward FAULT_STEP.
+- `slow_build_lm`: sleeps SLOW_BUILD_S seconds while it is built (start-up signals).
 - `slow_lm`: sleeps SLOW_STEP_S seconds (default 0.2) in every training forward, so a test can send
   a signal while a run is still going. The sleep changes no number: losses equal `models:tiny_lm`'s.
 """
@@ -77,3 +78,15 @@ class GradSpikeAt(TinyLM):
 
 def grad_spike_lm(cfg, vocab_size):
     return GradSpikeAt(vocab_size)
+
+
+class SlowBuild(TinyLM):
+    """Sleeps SLOW_BUILD_S seconds (default 3) in its constructor: a window to signal a starting run."""
+
+    def __init__(self, vocab_size: int) -> None:
+        time.sleep(float(os.environ.get("SLOW_BUILD_S", "3")))
+        super().__init__(vocab_size)
+
+
+def slow_build_lm(cfg, vocab_size):
+    return SlowBuild(vocab_size)

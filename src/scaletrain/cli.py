@@ -42,6 +42,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     stop = StopRequest().install()  # first: a SIGUSR1/SIGTERM during start-up is a clean stop too
     launch = dist.current_launch(sys.argv)
+    dist.maybe_watch_parent(launch)
     # Until the process group exists every rank runs the same checks on the same input, so a bad input
     # fails identically everywhere: `main` lets rank 0 alone print it.
     args.pre_init_rank = launch.rank
@@ -50,6 +51,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     plan = plan_run(cfg, launch.world_size)  # all input checks, before any process group
     ctx = dist.init(launch, timeout_s=cfg.backend.timeout_s)
     args.pre_init_rank = None  # from here on an error may be this rank's alone: every rank reports
+    args.rank = ctx.rank  # ... except errors the ranks agreed on, which rank 0 alone prints
     try:
         result = train(plan, ctx, stop=stop)
     except BaseException as e:
@@ -162,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ScaletrainError as e:
         rank = getattr(args, "pre_init_rank", None)
+        if e.agreed:
+            rank = getattr(args, "rank", rank)
         if rank:  # rank 0 prints the same line
             log.debug("rank %d: error: %s", rank, e)
         else:

@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import socket
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -19,7 +21,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from scaletrain.errors import ConfigError
+from scaletrain.errors import ConfigError, ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,37 @@ def detect_launch(env: Mapping[str, str], argv: Sequence[str] = ()) -> LaunchInf
 
 def current_launch(argv: Sequence[str] = ()) -> LaunchInfo:
     return detect_launch(os.environ, argv)
+
+
+# Launchers whose agent process is the worker's parent and whose death orphans the worker: torchrun
+# starts each worker in a session of its own, so a SIGKILL of the agent (OOM killer, a scheduler
+# killing the agent's group) reaches no worker, and orphans wait on the dead agent's store until
+# backend.timeout_s, holding device memory and the run folder.
+WATCHED_LAUNCHERS = ("torchrun", "deepspeed")
+PARENT_POLL_S = 1.0
+
+
+def maybe_watch_parent(launch: LaunchInfo, *, poll_s: float = PARENT_POLL_S) -> threading.Thread | None:
+    """Exit this worker within about `poll_s` seconds of its launcher's death.
+
+    A daemon thread compares os.getppid() with the parent seen at start: a reparented process has
+    lost its launcher. It then exits at once with os._exit (no finalisers, no further collective),
+    so a checkpoint being written stays a temporary folder and `latest` is never touched. A plain
+    `python` launch is not watched: its parent is a shell the user may close on purpose (nohup)."""
+    if launch.launcher not in WATCHED_LAUNCHERS:
+        return None
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                log.error("rank %d: the launcher (pid %d) is gone; exiting", launch.rank, parent)
+                os._exit(ExitCode.LAUNCHER_GONE)
+
+    thread = threading.Thread(target=watch, name="scaletrain-parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def _free_port() -> int:

@@ -17,12 +17,18 @@ class ExitCode(enum.IntEnum):
     OK = 0  # done
     DAMAGE = 1  # `inspect --verify` found a damaged tag; `parity` found a backend that diverges
     BAD_INPUT = 2  # config, paths, files: one line on stderr naming what and how to fix it
+    LAUNCHER_GONE = 70  # EX_SOFTWARE: the worker's launcher died (SIGKILL of torchrun); nothing was committed
     STOP_UNSAVED = 74  # EX_IOERR: stopped by a signal but the stop-save failed; do not requeue blindly
     PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGUSR1/SIGTERM after saving; run again (or requeue) to resume
 
 
 class ScaletrainError(Exception):
-    """Bad input from the user: config, paths, files. Exit code 2, no traceback."""
+    """Bad input from the user: config, paths, files. Exit code 2, no traceback.
+
+    `agreed` marks errors raised identically on every rank after the ranks agreed on them (a
+    broadcast verdict): the CLI prints those once, from rank 0, instead of once per rank."""
+
+    agreed: bool = False
 
 
 class ConfigError(ScaletrainError):

@@ -32,6 +32,7 @@ from scaletrain.errors import ConfigError, TrainingError
 from scaletrain.metrics import Throughput, make_sink
 from scaletrain.model import build_model, count_params
 from scaletrain.optim import build_adamw, lr_at
+from scaletrain.runlock import RunInUseError, RunLock, check_free
 from scaletrain.train_state import TrainState, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ def _check_run_dir(cfg: Config) -> None:
         )
     if cfg.run.out_dir.exists() and not cfg.run.out_dir.is_dir():
         raise ConfigError(f"run.out_dir: {cfg.run.out_dir} exists and is not a folder")
+    check_free(cfg.run.out_dir)  # another live job on this folder: refused before start-up
 
 
 class StopRequest:
@@ -257,9 +259,33 @@ def train(plan: RunPlan, ctx: dist.DistContext, callbacks: Sequence[Callback] = 
     """Collective. The whole run on an initialised process group."""
     stop = stop or StopRequest()
     stop.install()  # before the engine is built: a signal during start-up is a clean stop too
+    lock = _lock_run_dir(plan.cfg.run.out_dir, ctx)
+    try:
+        return _train_locked(plan, ctx, callbacks, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_dir(run_dir: Path, ctx: dist.DistContext) -> RunLock | None:
+    """Collective. Rank 0 takes the run folder's lease; every rank raises the same error if it can't."""
+    lock, err = None, None
+    if ctx.is_main:
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+        except RunInUseError as e:
+            lock, err = None, str(e)
+    err = dist.broadcast_object(err)
+    if err:
+        raise RunInUseError(err)
+    return lock
+
+
+def _train_locked(plan: RunPlan, ctx: dist.DistContext, callbacks: Sequence[Callback],
+                  stop: StopRequest) -> RunResult:
     cfg = plan.cfg
     if ctx.is_main:
-        cfg.run.out_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run.out_dir / "config.json").write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
     dist.barrier()
     run = _Run(plan, ctx, callbacks)

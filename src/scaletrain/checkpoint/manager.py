@@ -219,7 +219,7 @@ class CheckpointManager:
             if info.intact:
                 if latest and tag_dir.name != latest:
                     log.warning("latest names %s, which is damaged or incomplete; resuming from %s", latest, tag_dir.name)
-                client_state = engine.load_checkpoint(tag_dir)
+                client_state = engine.load_checkpoint(tag_dir, info.meta)
                 log.info("resumed from %s (step %d)", tag_dir, info.step)
                 return client_state
             if info.meta is not None or tag_dir.name == latest:

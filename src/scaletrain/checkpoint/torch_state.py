@@ -156,3 +156,10 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Collective. Every rank passes the same full state dict; each keeps its own shard."""
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def release_async_group() -> None:
+    """Local. Forget the background-write group (after the last async save finished), so teardown can
+    free it; the next async save creates a new one."""
+    global _ASYNC_GROUP
+    _ASYNC_GROUP = None

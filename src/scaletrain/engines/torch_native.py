@@ -147,6 +147,10 @@ class TorchNativeEngine(Engine):
             pending, self._pending_save = self._pending_save, None
             pending()
 
+    def close(self) -> None:
+        super().close()
+        torch_state.release_async_group()
+
     def load_checkpoint(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         engine_state, client_state = torch_state.load(path, model=self._raw, optimizer=self.optimizer)
         if self.scaler is not None and engine_state.get("scaler"):
