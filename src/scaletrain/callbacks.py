@@ -13,7 +13,7 @@ after the evaluation; then every rank saves a checkpoint and `train` returns wit
     on_save(run, state, tag_dir)      after a checkpoint is committed (or queued, when async)
     on_train_end(run, state, result)  once, also after an error (result is None then)
 
-Imports: nothing of the engines or the loop.
+Imports nothing of ours (so user code can subclass `Callback` without pulling in torch).
 """
 
 from __future__ import annotations

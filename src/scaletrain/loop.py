@@ -6,7 +6,9 @@ rank. `train` then builds the engine and runs. The loop never asks which backend
 is behind the engine's verbs and the registry's entries, and what users add comes in as callbacks.
 Rank-0-only work is limited to the metrics sink and the checkpoint manifest; evaluation runs on every
 rank (a rank-0-only forward hangs FSDP and ZeRO-3).
-Imports: config, data, dist, engines, checkpoint.manager, callbacks, train_state, metrics, model, optim.
+Imports: `scaletrain.config`, `scaletrain.data`, `scaletrain.dist`, `scaletrain.engines`,
+`scaletrain.checkpoint`, `scaletrain.callbacks`, `scaletrain.train_state`, `scaletrain.metrics`,
+`scaletrain.model`, `scaletrain.optim`, `scaletrain.runlock`, `scaletrain.errors`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ Each function takes only the settings it needs, by keyword. FSDP strategies map 
 
 The tensor-parallel dim is the innermost (fastest-varying) one, so the ranks of one TP group are
 neighbours (one host, NVLink) and read the same micro-batch. Imports: torch, `scaletrain.config`,
-`scaletrain.dist`, `scaletrain.errors`, `scaletrain.model`. Not: engines, loop.
+`scaletrain.dist`, `scaletrain.errors`, `scaletrain.model`, `scaletrain.tensor_parallel`. Not: engines, loop.
 """
 
 from __future__ import annotations

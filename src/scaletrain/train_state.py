@@ -2,7 +2,7 @@
 
 Engines hold no clock: the loop passes the learning rate of each step, so the step count lives here
 alone. The state travels as the checkpoint's client state (flat keys, plus every rank's RNG state),
-so exact resume needs nothing else. Imports: torch (RNG state only).
+so exact resume needs nothing else. Imports: torch (RNG state only), nothing of ours.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ imports point one way (config -> dist -> engines -> loop -> cli)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,41 @@ def test_nothing_imports_cli():
         if rel in ("cli", "__main__"):
             continue
         assert "scaletrain.cli" not in _imports(ast.parse(path.read_text())), rel
+
+
+def _module_imports(path: Path) -> set[str]:
+    """The scaletrain modules a file imports, at module granularity (`from scaletrain import dist` is
+    `scaletrain.dist`; `from scaletrain.engines import Engine` is `scaletrain.engines`)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("scaletrain"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("scaletrain"):
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                is_module = (SRC.parent / (sub.replace(".", "/") + ".py")).is_file() or (
+                    SRC.parent / sub.replace(".", "/")).is_dir()
+                found.add(sub if is_module else node.module)
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: p.relative_to(SRC).as_posix())
+def test_module_docstring_imports_line_is_true(path: Path):
+    """A module docstring that states its imports ("Imports: ... `scaletrain.x` ...") states all of
+    them and no others; one that says it imports nothing of ours imports none."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    if "Imports" not in doc:
+        return
+    text = " ".join(doc[doc.index("Imports"):].split())
+    listed = set(re.findall(r"`(scaletrain(?:\.\w+)*)`", text))
+    actual = _module_imports(path) - {"scaletrain"}
+    if "nothing of ours" in text:
+        assert not actual, f"{path.name} says it imports nothing of ours but imports {sorted(actual)}"
+        return
+
+    def covered(name: str, by: set[str]) -> bool:
+        return any(name == b or name.startswith(b + ".") or b.startswith(name + ".") for b in by)
+
+    unlisted = sorted(a for a in actual if not covered(a, listed))
+    unused = sorted(x for x in listed if not covered(x, actual))
+    assert not unlisted and not unused, f"{path.name}: imported but not listed {unlisted}; listed but not imported {unused}"

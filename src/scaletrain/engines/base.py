@@ -4,7 +4,7 @@ The loop talks to an Engine and never asks which backend it has. Public verbs ho
 and call small protected hooks each backend fills. Each verb says whether it is collective (every
 rank must call it, in the same order) or local.
 
-Imports: torch, `scaletrain.config`, `scaletrain.dist`, `scaletrain.errors`. Not: loop, cli.
+Imports: torch, `scaletrain.config`, `scaletrain.dist`. Not: loop, cli.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ own `latest` is never written. Its files are read with `weights_only=True` (see 
 A tag written on another world size is converted with DeepSpeed's universal checkpoint tool first.
 
 Imports: torch, deepspeed, `scaletrain.engines.base`, `scaletrain.checkpoint`, `scaletrain.config`,
-`scaletrain.optim`, `scaletrain.errors`.
+`scaletrain.ds_config`, `scaletrain.dist`, `scaletrain.optim`, `scaletrain.errors`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ strategy (hybrid replicas are not double counted), tensor parallel and their com
 The loss scaler follows torch.amp.GradScaler's defaults and rules (scale 2**16, halve on overflow,
 double after 2000 clean steps) but decides overflow from that global norm, so under FSDP and TP every
 rank skips the same steps: a per-shard inf check would let ranks disagree.
-Imports: torch. Not: loop, checkpoint.
+Imports: torch, nothing of ours.
 """
 
 from __future__ import annotations
