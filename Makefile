@@ -26,7 +26,6 @@ test-all: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench launch
-	$(VENV)/bin/ruff format --check src tests bench launch
 
 bench: setup
 	$(PY) -m pytest -q -m bench -s
