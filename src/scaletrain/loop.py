@@ -236,7 +236,8 @@ class _Run:
         cfg, state = self.cfg, self.state
         client_state = state.client_state(dist.all_gather_object(rng_state()))
         meta = {
-            "backend": registry.spec_of(cfg), "world_size": self.ctx.world_size, "precision": cfg.precision,
+            "backend": cfg.backend.kind, "backend_spec": registry.spec_of(cfg), "world_size": self.ctx.world_size,
+            "precision": cfg.precision,
             "format": self.engine.checkpoint_format, "tokens": state.tokens, "val_loss": val_loss,
             "config": self.info.config, "model": {"factory": cfg.model.factory, "vocab_size": self.plan.vocab_size},
         }

@@ -8,7 +8,8 @@ that a daemon thread renews every `HEARTBEAT_S` seconds:
 
 - created with O_CREAT | O_EXCL (atomic on local disks, NFSv3+ and Lustre);
 - another holder with a fresh heartbeat: refused at once, with one line naming it;
-- a lease whose heartbeat is older than `STALE_AFTER_S` (a crashed or killed job) is taken over;
+- a lease whose heartbeat is older than `STALE_AFTER_S` (a crashed or killed job) is taken over,
+  at once when the holder ran on this host and its process is gone (pid and start time checked);
 - a lease of the same Slurm job id is taken over at once: a requeued job restarts, possibly on
   another node, only after its previous run ended (Slurm guarantees it), so that holder is gone;
 - released (deleted) when the run ends; a crash leaves it to go stale.
@@ -43,9 +44,27 @@ class RunInUseError(ScaletrainError):
     agreed = True
 
 
+def _start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, Linux), or None if there is no such process.
+    With the pid it identifies a process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _identity() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": os.environ.get("SLURM_JOB_ID"),
-            "token": f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _start_ticks(os.getpid()),
+            "job_id": os.environ.get("SLURM_JOB_ID"), "token": f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"}
+
+
+def _dead_here(held: dict[str, Any]) -> bool:
+    """The holder ran on this host and its process is gone (or the pid now names another process): no
+    need to wait for its heartbeat to go stale after a kill."""
+    if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return False
+    return held.get("pid_start") is None or _start_ticks(held["pid"]) != held.get("pid_start")
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -76,8 +95,8 @@ def _refusal(path: Path, held: dict[str, Any], now: float, stale_after_s: float)
 
 
 def _held_by_other(held: dict[str, Any] | None, now: float, stale_after_s: float) -> bool:
-    """A fresh lease of another job (a lease of this Slurm job belongs to a requeued run of it)."""
-    if held is None or now - float(held.get("heartbeat", 0)) >= stale_after_s:
+    """A fresh lease of another live job (a lease of this Slurm job belongs to a requeued run of it)."""
+    if held is None or now - float(held.get("heartbeat", 0)) >= stale_after_s or _dead_here(held):
         return False
     job = os.environ.get("SLURM_JOB_ID")
     return not (job and held.get("job_id") == job)
@@ -123,7 +142,8 @@ class RunLock:
         if _held_by_other(held, now, self.stale_after_s):
             raise _refusal(self.path, held, now, self.stale_after_s)
         same_job = held is not None and held.get("job_id") and held.get("job_id") == self.lease["job_id"]
-        why = "the same Slurm job, requeued" if same_job else "stale" if held else "unreadable"
+        why = ("the same Slurm job, requeued" if same_job else "its process is gone" if held and _dead_here(held)
+               else "stale" if held else "unreadable")
         log.warning("run.out_dir: taking over the lease of %s (%s)", describe(held or {}, now), why)
         _write_replace(self.path, self.lease)
         time.sleep(0.2)  # another job taking over at the same moment: the last rename wins, the other sees it

@@ -115,8 +115,8 @@ def test_item7_second_job_on_a_run_folder_is_refused(tiny_data: Path, tmp_path: 
 
 
 def test_item7_lease_rules(tmp_path: Path, monkeypatch):
-    """Fresh lease of another job: refused. Stale lease, or one of the same Slurm job (a requeue on
-    another node): taken over. Released: gone."""
+    """Fresh lease of another job: refused. Stale lease, a lease whose process on this host is gone, or
+    one of the same Slurm job (a requeue on another node): taken over. Released: gone."""
     import json
 
     from scaletrain.runlock import LEASE_FILE, RunInUseError, RunLock
@@ -132,6 +132,16 @@ def test_item7_lease_rules(tmp_path: Path, monkeypatch):
         with pytest.raises(RunInUseError):
             RunLock(tmp_path).acquire()  # and now held by us
     assert not lease.exists()
+    import socket
+
+    dead = {**other, "host": socket.gethostname(), "pid": os.getpid(), "pid_start": -1}  # pid reused since
+    lease.write_text(json.dumps(dead))
+    with RunLock(tmp_path) as lock:  # fresh heartbeat, but its process on this host is gone: taken over
+        assert json.loads(lease.read_text())["token"] == lock.lease["token"]
+    alive = {**dead, "pid_start": lock.lease["pid_start"]}  # this very process: alive
+    lease.write_text(json.dumps(alive))
+    with pytest.raises(RunInUseError):
+        RunLock(tmp_path).acquire()
     monkeypatch.setenv("SLURM_JOB_ID", "99")
     lease.write_text(json.dumps(other))
     with RunLock(tmp_path) as lock:  # same job id, fresh heartbeat: a requeued run of this job

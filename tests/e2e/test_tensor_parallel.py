@@ -37,7 +37,7 @@ def test_tp_matches_ddp_at_the_same_global_batch(tiny_data: Path, tmp_path: Path
                                                         "checkpoint.every": 5}))
     assert_close(read_metrics(tmp_path / "tp"), read_metrics(ddp_reference), rel=1e-4)
     meta = (tmp_path / "tp" / "ckpt" / "step_00000010" / "meta.json").read_text()
-    assert '"backend": "tp:2"' in meta
+    assert '"backend_spec": "tp:2"' in meta
 
 
 def test_tp_checkpoint_resumes_under_fsdp_and_ddp_checkpoint_under_tp(tiny_data: Path, tmp_path: Path,
