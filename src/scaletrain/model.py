@@ -15,6 +15,7 @@ import importlib
 import inspect
 import logging
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -85,7 +86,7 @@ class GPT(nn.Module):
     # Tensor-parallel plan (backend.tp_size > 1): module name patterns -> "colwise" | "rowwise".
     # Column-parallel outputs stay local (heads / hidden units of this rank); each row-parallel
     # layer ends with one all-reduce, so a block costs two all-reduces in forward.
-    tp_plan = {
+    tp_plan: ClassVar[dict[str, str]] = {
         "blocks.*.attn.qkv": "colwise",
         "blocks.*.attn.proj": "rowwise",
         "blocks.*.mlp.fc": "colwise",

@@ -57,11 +57,9 @@ def _validate_torch(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"backend.tp_size={tp} composes with backend=fsdp (FSDP over the data-parallel "
                           f"ranks), not backend={cfg.backend.kind}; use backend=fsdp or the spec tp:{tp}")
     if tp > 1 and cfg.model.factory is None:
-        m = cfg.model
-        for what, n in (("model.n_head", m.n_head), ("4 * model.n_embd", 4 * m.n_embd)):
-            if n % tp:
-                raise ConfigError(f"{what} ({n}) must be divisible by backend.tp_size ({tp}): tensor parallel "
-                                  "splits heads and MLP units evenly across ranks")
+        from scaletrain.tensor_parallel import validate_builtin
+
+        validate_builtin(cfg.model.n_head, cfg.model.n_embd, tp, world_size)
 
 
 def _validate_fsdp(cfg: Config, world_size: int) -> None:
