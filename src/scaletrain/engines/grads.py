@@ -29,7 +29,9 @@ from torch.distributed.tensor import DTensor
 def _local_and_weight(grad: torch.Tensor, world: int) -> tuple[torch.Tensor, float]:
     if isinstance(grad, DTensor):
         mesh = grad.device_mesh
-        shards = math.prod(mesh.size(i) for i, pl in enumerate(grad.placements) if pl.is_shard())
+        # Any placement but Replicate splits the tensor: Shard, and FSDP-over-TP's _StridedShard, whose
+        # is_shard() is False (torch 2.13). Partial cannot occur: gradients are reduced by now.
+        shards = math.prod(mesh.size(i) for i, pl in enumerate(grad.placements) if not pl.is_replicate())
         return grad.to_local(), shards / world
     return grad, 1.0 / world
 
