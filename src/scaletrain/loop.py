@@ -134,11 +134,6 @@ class StopRequest:
 def make_engine(plan: RunPlan, ctx: dist.DistContext) -> Engine:
     """Collective. The configured backend's engine over the configured model and optimizer."""
     cfg = plan.cfg
-    init_state = None
-    if cfg.model.init_from is not None:
-        from scaletrain.checkpoint.weights import load_weights_file
-
-        init_state = lambda: load_weights_file(Path(cfg.model.init_from))  # noqa: E731
     spec = EngineSpec(
         ctx=ctx,
         precision=cfg.precision,
@@ -150,11 +145,14 @@ def make_engine(plan: RunPlan, ctx: dist.DistContext) -> Engine:
         optimizer_factory=lambda m: build_adamw(m, cfg.optim, device_type=ctx.device_type),
         compile=cfg.model.compile,
         checkpoint_format=cfg.checkpoint.format,
-        init_state=init_state,
+        init_from=cfg.model.init_from,
         allow_tf32=cfg.train.allow_tf32,
     )
-    torch.manual_seed(cfg.run.seed)  # identical init on every rank: sharded engines rely on it
-    return registry.build_engine(spec, cfg)
+    engine = registry.build_engine(spec, cfg)
+    # Weights come from (seed, name) whatever the backend; the RNG stream for dropout starts here, the
+    # same on every backend (building on meta or under zero.Init draws nothing from it).
+    torch.manual_seed(cfg.run.seed)
+    return engine
 
 
 def evaluate(engine: Engine, batches: data_mod.Batches, num_batches: int, ctx: dist.DistContext) -> float:

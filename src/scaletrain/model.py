@@ -107,13 +107,22 @@ class GPT(nn.Module):
         self.reset_parameters(cfg.n_layer)
 
     def reset_parameters(self, n_layer: int) -> None:
-        """GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)."""
+        """GPT-2 init from the global RNG (a plain construction); the harness uses `init_parameter`."""
+        self.n_layer = n_layer
         for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
-                nn.init.normal_(p, mean=0.0, std=std)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
+            self.init_parameter(name, p.data)
+
+    def init_parameter(self, name: str, tensor: torch.Tensor) -> None:
+        """Fill the full tensor of parameter `name` in place: N(0, 0.02) for matrices, residual output
+        projections scaled by 1/sqrt(2 * n_layer), biases zero, norm gains one (GPT-2's init). The
+        harness calls it under an RNG seeded from (seed, name) (`scaletrain.materialize`)."""
+        if tensor.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * self.n_layer) if name.endswith("proj.weight") else 0.02
+            nn.init.normal_(tensor, mean=0.0, std=std)
+        elif name.endswith(".bias"):
+            nn.init.zeros_(tensor)
+        else:
+            nn.init.ones_(tensor)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         t = input_ids.shape[1]

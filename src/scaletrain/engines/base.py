@@ -53,7 +53,7 @@ class EngineSpec:
     optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer]
     compile: bool = False
     checkpoint_format: str = "sharded"
-    init_state: Callable[[], dict[str, torch.Tensor]] | None = None  # full weights to start from
+    init_from: Path | None = None  # a consolidated weights file to start from, read tensor by tensor
     allow_tf32: bool = True
 
 

@@ -12,7 +12,7 @@ own `latest` is never written. Its files are read with `weights_only=True` (see 
 A tag written on another world size is converted with DeepSpeed's universal checkpoint tool first.
 
 Imports: torch, deepspeed, `scaletrain.engines.base`, `scaletrain.checkpoint`, `scaletrain.config`,
-`scaletrain.ds_config`, `scaletrain.dist`, `scaletrain.optim`, `scaletrain.errors`.
+`scaletrain.ds_config`, `scaletrain.dist`, `scaletrain.materialize`, `scaletrain.optim`, `scaletrain.errors`.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ import torch.nn as nn
 
 from scaletrain import dist
 from scaletrain.checkpoint import layout
-from scaletrain.checkpoint.weights import canonical_name, complete_tied
+from scaletrain.checkpoint.weights import canonical_name
 from scaletrain.config import DeepSpeedConfig, OptimConfig
 from scaletrain.ds_config import HARNESS_SECTIONS, offload_on
 from scaletrain.engines.base import Engine, EngineSpec, StepStats
 from scaletrain.errors import CheckpointError
+from scaletrain.materialize import WeightsSource, build_initialized, parameter_value, tie_groups
 from scaletrain.optim import param_groups
 
 log = logging.getLogger(__name__)
@@ -65,17 +66,19 @@ class DeepSpeedEngine(Engine):
         if config["gradient_accumulation_steps"] != spec.grad_accum:  # our invariant: both from resolve_grad_accum
             raise AssertionError(f"grad_accum {spec.grad_accum} != {config['gradient_accumulation_steps']}")
         self.offload_optimizer = offload_on(zero, "offload_optimizer")
-        raw = spec.model_factory()
-        if spec.init_state is not None:
-            raw.load_state_dict(complete_tied(raw, spec.init_state()), strict=True)
-        # Canonical names, captured before ZeRO-3 partitions the parameters (tied ones listed twice).
+        # The process group exists (dist.init): deepspeed.init_distributed wraps it and creates none.
+        # DeepSpeed insists on LOCAL_RANK, which srun and a plain `python` launch do not set.
+        os.environ.setdefault("LOCAL_RANK", str(self.ctx.local_rank))
+        if self.stage == 3:
+            raw = build_zero3(spec.model_factory, config, seed=spec.seed, source=spec.init_from)
+        else:  # ZeRO-1/2 keep whole parameters: the same values as DDP's build, then DeepSpeed partitions
+            raw = build_initialized(spec.model_factory, device=torch.device("cpu"), seed=spec.seed,
+                                    source=spec.init_from)
+        # Canonical names of every parameter (tied ones listed twice).
         self._names = [(canonical_name(n), p) for n, p in raw.named_parameters(remove_duplicate=False)]
         self._buffer_names = [n for n, _ in raw.named_buffers() if n in raw.state_dict()]  # persistent only
         self._raw = raw
         optimizer = self._make_optimizer(raw, optim)
-        # The process group exists (dist.init): deepspeed.init_distributed wraps it and creates none.
-        # DeepSpeed insists on LOCAL_RANK, which srun and a plain `python` launch do not set.
-        os.environ.setdefault("LOCAL_RANK", str(self.ctx.local_rank))
         self._ds, self.optimizer, _, _ = deepspeed.initialize(
             model=raw, optimizer=optimizer, config=config, dist_init_required=False
         )
@@ -200,6 +203,28 @@ class DeepSpeedEngine(Engine):
             b = buffers[name].detach().cpu()
             out[canonical_name(name)] = (b.float() if b.is_floating_point() else b).clone()
         return out if self.ctx.is_main else {}
+
+
+def build_zero3(factory: Callable[[], nn.Module], config: dict[str, Any], *, seed: int,
+                source: Path | None) -> nn.Module:
+    """Collective. The model built inside `deepspeed.zero.Init`, so each parameter is partitioned as
+    soon as its module is constructed and no rank ever holds the whole model; then every parameter
+    gets the harness's initial value (`scaletrain.materialize`: the same numbers as any other backend).
+
+    Inside zero.Init a module's own initialiser writes into partitions already freed, so the values
+    are set afterwards, one parameter at a time, under `GatheredParameters(modifier_rank=0)`: every
+    rank gathers that one tensor, rank 0 writes the value, and DeepSpeed re-partitions it from rank 0
+    (peak: the largest tensor, once)."""
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = factory()
+    reader = WeightsSource(source) if source is not None else None
+    rank = torch.distributed.get_rank()
+    with torch.no_grad():
+        for names, param in tie_groups(model):
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if rank == 0:
+                    param.data.copy_(parameter_value(model, names, param, seed=seed, source=reader))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

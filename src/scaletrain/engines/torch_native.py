@@ -6,7 +6,8 @@ I/O; how the model is parallelised is decided once, at construction, by composin
 functions of `scaletrain.parallel` over one device mesh, in torchtitan's order: tensor parallel,
 activation checkpointing, compile, then FSDP (or DDP). Checkpoints go through
 `checkpoint.torch_state`, so every strategy reads every other's files at any world size.
-Imports: torch, `scaletrain.engines`, `scaletrain.parallel`, `scaletrain.checkpoint`, `scaletrain.config`.
+Imports: torch, `scaletrain.engines`, `scaletrain.parallel`, `scaletrain.materialize`, `scaletrain.checkpoint`,
+`scaletrain.config`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import torch.nn as nn
 
 from scaletrain import parallel
 from scaletrain.checkpoint import torch_state
-from scaletrain.checkpoint.weights import complete_tied
 from scaletrain.config import DDPConfig, FSDPConfig
 from scaletrain.engines.base import Engine, EngineSpec, StepStats
 from scaletrain.engines.grads import LossScaler, clip_grads_, global_grad_norm
+from scaletrain.materialize import build_initialized, build_on_meta, materialize
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,20 @@ class TorchNativeEngine(Engine):
         super().__init__(spec)
         self.name = ("fsdp" if fsdp is not None else "ddp") + (f"+tp{tp_size}" if tp_size > 1 else "")
         self.checkpoint_format = spec.checkpoint_format
-        model = spec.model_factory()
-        if spec.init_state is not None:  # before any wrapping: a plain module takes the full dict
-            model.load_state_dict(complete_tied(model, spec.init_state()), strict=True)
-        self._raw = model  # plain parameter names: no `module.` or `_orig_mod.` in checkpoints
-        self.mesh = parallel.build_mesh(spec.ctx, fsdp=fsdp, tp_size=tp_size) if fsdp or tp_size > 1 else None
+        sharded = fsdp is not None or tp_size > 1
+        self.mesh = parallel.build_mesh(spec.ctx, fsdp=fsdp, tp_size=tp_size) if sharded else None
         self._fsdp = fsdp is not None
-        self._fwd = self._parallelize(model, ddp=ddp, fsdp=fsdp, tp_size=tp_size)
+        if self.mesh is None:  # replicated: every rank builds the whole model, with the same values
+            model = build_initialized(spec.model_factory, device=spec.ctx.device, seed=spec.seed,
+                                      source=spec.init_from)
+            self._fwd = parallel.apply_ddp(model, ddp or DDPConfig(), device=spec.ctx.device, compile=spec.compile)
+        else:  # sharded: built on meta, parallelised, then each rank materialises its own pieces
+            model = build_on_meta(spec.model_factory)
+            self._fwd = self._parallelize(model, fsdp=fsdp or FSDPConfig(), tp_size=tp_size)
+            offload = fsdp is not None and fsdp.cpu_offload
+            materialize(model, device=torch.device("cpu") if offload else spec.ctx.device, seed=spec.seed,
+                        source=spec.init_from)
+        self._raw = model  # plain parameter names: no `module.` or `_orig_mod.` in checkpoints
         self.optimizer = spec.optimizer_factory(model)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.scaler = LossScaler() if spec.precision == "fp16" else None
@@ -58,22 +66,16 @@ class TorchNativeEngine(Engine):
                      self.mesh.shape)), ", cpu offload" if fsdp.cpu_offload else "",
                      ", activation checkpointing" if fsdp.activation_checkpointing else "")
 
-    def _parallelize(self, model: nn.Module, *, ddp: DDPConfig | None, fsdp: FSDPConfig | None,
-                     tp_size: int) -> Callable:
-        """Collective. Compose the strategy; returns the callable that runs forward."""
+    def _parallelize(self, model: nn.Module, *, fsdp: FSDPConfig, tp_size: int) -> Callable:
+        """Collective. Compose the sharded strategy on a meta model; returns the callable that runs forward."""
         spec = self.spec
         if tp_size > 1:
             parallel.apply_tp(model, self.mesh)
-        blocks = parallel.model_blocks(model, fsdp.wrap_classes if fsdp is not None else ())
-        if fsdp is not None and fsdp.activation_checkpointing:
+        blocks = parallel.model_blocks(model, fsdp.wrap_classes)
+        if fsdp.activation_checkpointing:
             parallel.apply_ac(blocks)
-        if fsdp is None:
-            model.to(spec.ctx.device)
-            return parallel.apply_ddp(model, ddp or DDPConfig(), device=spec.ctx.device, compile=spec.compile)
         if spec.compile:
             parallel.apply_compile(blocks)
-        # fully_shard moves each unit to the device as it shards it, so the whole unsharded model is
-        # never on the device at once; with cpu_offload the shards then go back to the CPU.
         parallel.apply_fsdp(model, blocks, fsdp, mesh=self.mesh, precision=spec.precision,
                             device_type=spec.ctx.device_type)
         return model
