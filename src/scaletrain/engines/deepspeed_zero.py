@@ -215,6 +215,8 @@ def build_zero3(factory: Callable[[], nn.Module], config: dict[str, Any], *, see
     are set afterwards, one parameter at a time, under `GatheredParameters(modifier_rank=0)`: every
     rank gathers that one tensor, rank 0 writes the value, and DeepSpeed re-partitions it from rank 0
     (peak: the largest tensor, once)."""
+    # zero.Init reads the world from deepspeed.comm: wrap the harness's process group first (no new one).
+    deepspeed.init_distributed(dist_init_required=False, auto_mpi_discovery=False, verbose=False)
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = factory()
     reader = WeightsSource(source) if source is not None else None
