@@ -19,7 +19,7 @@ def _count(rank: int, world: int) -> dict:
     from scaletrain.model import GPT
     from scaletrain.tensor_parallel import apply_tp
 
-    ctx = dist.init(dist.current_launch(), timeout_s=60)
+    dist.init(dist.current_launch(), timeout_s=60)
     try:
         torch.manual_seed(0)
         model = GPT(ModelConfig(n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, block_size=16), VOCAB)

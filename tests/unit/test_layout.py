@@ -21,15 +21,15 @@ def make_tag(ckpt: Path, step: int, *, val_loss: float | None = None, payload: b
     (tmp / "dcp").mkdir(parents=True)
     (tmp / "dcp" / "__0_0.distcp").write_bytes(payload)
     (tmp / "client_state.pt").write_bytes(b"state" + bytes([step % 256]))
-    files = {n: {"size": (tmp / n).stat().st_size, "sha256": layout.file_digest(tmp / n)} for n in layout.list_files(tmp)}
+    files = layout.digest_files(tmp, layout.list_files(tmp))
     layout.write_meta(tmp, {"step": step, "val_loss": val_loss}, files)
     layout.commit(tmp, ckpt / tag)
     layout.write_atomic(ckpt / layout.LATEST_FILE, tag + "\n")
     return ckpt / tag
 
 
-def digests(tag_dir: Path) -> dict[str, str]:
-    return {n: layout.file_digest(tag_dir / n) for n in layout.list_files(tag_dir)}
+def digests(tag_dir: Path) -> dict[str, dict]:
+    return layout.digest_files(tag_dir, layout.list_files(tag_dir))
 
 
 def test_tag_names_round_trip():
@@ -56,7 +56,7 @@ def test_safe_child_refuses_a_symlinked_tag_pointing_outside(tmp_path: Path):
 def test_manifest_names_cannot_escape(tmp_path: Path):
     tag = make_tag(tmp_path, 1)
     meta = json.loads((tag / layout.META_FILE).read_text())
-    meta["files"]["../../outside"] = {"size": 1, "sha256": "0"}
+    meta["files"]["../../outside"] = {"size": 1, "sha256": "0" * 64}
     (tag / layout.META_FILE).write_text(json.dumps(meta))
     info = layout.check_tag(tag)
     assert not info.intact and any("not a plain relative path" in p for p in info.problems)
@@ -182,7 +182,7 @@ class FakeEngine:
     def wait_for_save(self) -> None:
         pass
 
-    def load_checkpoint(self, path: Path) -> dict:
+    def load_checkpoint(self, path: Path, meta: dict) -> dict:
         self.loaded = path
         return json.loads((path / "client.json").read_text())
 
@@ -220,7 +220,7 @@ def test_failed_save_keeps_earlier_tags_and_removes_its_own_files(tmp_path: Path
     engine.fail_with = error
     with pytest.raises(CheckpointError, match=r"checkpoint save failed .* earlier checkpoints are intact"):
         m.save(engine, 2, {"step": 2}, {})
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000001"]  # no .tmp- left
+    assert sorted(p.name for p in ckpt.iterdir()) == [".run_id", "latest", "step_00000001"]  # no .tmp- left
     warn = manager(ckpt, on_error="warn")
     assert warn.save(engine, 2, {"step": 2}, {}) is False
     assert layout.read_pointer(ckpt) == "step_00000001"

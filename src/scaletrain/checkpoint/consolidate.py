@@ -15,7 +15,7 @@ unless `--force`.
 Default output: `<run>/consolidated/<tag>.safetensors` (`.pt` for `--format pt`), or the folder
 `<run>/consolidated/<tag>/` with `--max-shard-size`, where `<run>` is the folder holding CKPT_DIR.
 
-Imports: torch, `scaletrain.checkpoint.{layout,readers}`, `scaletrain.errors`.
+Imports: torch, `scaletrain.checkpoint.layout`, `scaletrain.checkpoint.readers`, `scaletrain.errors`.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def _resolve_tag(ckpt_dir: Path, tag: str | None) -> Path:
 
 def readers_detectable(path: Path) -> bool:
     try:
-        readers.detect(path)
+        layout.detect_format(path)
     except CheckpointError:
         return False
     return True
@@ -147,8 +147,7 @@ def _check_tag(tag_dir: Path, verify: bool) -> None:
         return
     info = layout.check_tag(tag_dir)
     if info.intact and verify:
-        digests = {n: layout.file_digest(layout.safe_relpath(tag_dir, n)) for n in info.meta["files"]}
-        info = layout.check_tag(tag_dir, digests=digests)
+        info = layout.check_tag(tag_dir, digests=layout.digest_files(tag_dir, sorted(info.meta["files"])))
     if not info.intact:
         raise CheckpointError(f"checkpoint {tag_dir} is damaged ({'; '.join(info.problems)}); pick another with --tag")
 

@@ -31,16 +31,6 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _digests(info: layout.TagInfo) -> dict[str, str]:
-    out = {}
-    for name in sorted(info.meta["files"] if info.meta else {}):
-        try:
-            out[name] = layout.file_digest(layout.safe_relpath(info.path, name))
-        except (OSError, CheckpointError):
-            continue  # check_tag reports the missing/escaping file itself
-    return out
-
-
 def scan(ckpt_dir: Path, *, verify: bool = False) -> list[dict[str, Any]]:
     """One record per tag folder (complete or not), oldest first."""
     if not ckpt_dir.is_dir():
@@ -51,7 +41,7 @@ def scan(ckpt_dir: Path, *, verify: bool = False) -> list[dict[str, Any]]:
     for tag_dir in layout.tags(ckpt_dir):
         info = layout.check_tag(tag_dir)
         if verify and info.meta is not None:
-            info = layout.check_tag(tag_dir, digests=_digests(info))
+            info = layout.check_tag(tag_dir, digests=layout.digest_files(tag_dir, sorted(info.meta["files"])))
         meta = info.meta or {}
         files = meta.get("files", {})
         rows.append({

@@ -9,7 +9,7 @@ ckpt/
     ...                the engine's own files
 ```
 A tag counts only when its `meta.json` exists. Saves go to `.tmp-<tag>` and are renamed into place,
-so a crash mid-save leaves earlier tags and `latest` untouched. Imports no torch.
+so a crash mid-save leaves earlier tags and `latest` untouched. Imports no torch: `scaletrain.errors` only.
 """
 
 from __future__ import annotations
@@ -33,6 +33,14 @@ META_FILE = "meta.json"
 LATEST_FILE = "latest"
 BEST_FILE = "best"
 TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"  # a rotated-out tag: renamed first, deleted after, collected at start
+OLD_PREFIX = ".old-"  # the previous copy of a step being saved again, until the new copy is in place
+RUN_ID_FILE = ".run_id"  # names the run that owns this ckpt/ folder (recorded in every meta.json)
+
+# What an engine's files look like inside a tag: the one place that tells the formats apart.
+DCP_DIR = "dcp"  # torch-native sharded: PyTorch Distributed Checkpoint
+MODEL_FILE = "model.pt"  # torch-native full: one state dict
+DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own files
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
 
 
@@ -97,6 +105,32 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def digest_files(tag_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of each named file of a tag: the one checksum walk that save, verify, inspect
+    and consolidate share. A file that cannot be read (or whose name escapes the tag) gets an
+    `error` instead of a digest, so it counts as damaged rather than disappearing from the check."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        try:
+            f = safe_relpath(tag_dir, name)
+            out[name] = {"size": f.stat().st_size, "sha256": file_digest(f)}
+        except (OSError, CheckpointError) as e:
+            out[name] = {"error": getattr(e, "strerror", None) or str(e)}
+    return out
+
+
+def detect_format(tag_dir: Path) -> str:
+    """"deepspeed", "sharded" (DCP) or "full": which engine files a tag holds."""
+    if (tag_dir / DEEPSPEED_DIR).is_dir():
+        return "deepspeed"
+    if (tag_dir / DCP_DIR / ".metadata").is_file():
+        return "sharded"
+    if (tag_dir / MODEL_FILE).is_file():
+        return "full"
+    raise CheckpointError(f"{tag_dir}: no {DEEPSPEED_DIR}/, {DCP_DIR}/.metadata or {MODEL_FILE}: not a scaletrain "
+                          "checkpoint tag")
+
+
 def list_files(tag_dir: Path) -> list[str]:
     """Every file under a tag, as sorted relative POSIX paths, meta.json excluded."""
     return sorted(
@@ -130,33 +164,67 @@ class TagInfo:
         return self.meta is not None and not self.problems
 
 
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def meta_problems(meta: Any) -> list[str]:
+    """What is wrong with the structure of a meta.json (empty when it is well formed)."""
+    if not isinstance(meta, dict):
+        return ["the top level is not an object"]
+    problems = []
+    if not isinstance(meta.get("step"), int) or isinstance(meta.get("step"), bool) or meta["step"] < 0:
+        problems.append("'step' is not a non-negative integer")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        problems.append(f"format_version {version!r} is newer than this scaletrain reads ({FORMAT_VERSION}); "
+                        "upgrade scaletrain")
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        return [*problems, "'files' is not a mapping of file name to size and sha256"]
+    for name, rec in files.items():
+        if not (isinstance(rec, dict) and isinstance(rec.get("size"), int) and not isinstance(rec.get("size"), bool)
+                and isinstance(rec.get("sha256"), str) and _SHA256_HEX.match(rec["sha256"])):
+            problems.append(f"'files' entry {name!r} lacks an integer size and a sha256")
+    return problems
+
+
 def read_meta(tag_dir: Path) -> dict[str, Any] | None:
+    """A tag's meta.json when it exists and is well formed, else None (see `check_tag` for why)."""
     try:
         meta = json.loads((tag_dir / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
-    return meta if isinstance(meta, dict) and "files" in meta and "step" in meta else None
+    return meta if not meta_problems(meta) else None
 
 
-def check_tag(tag_dir: Path, *, digests: dict[str, str] | None = None) -> TagInfo:
-    """Sizes always; checksums when `digests` (name -> sha256, computed by the caller) is given."""
-    meta = read_meta(tag_dir)
-    if meta is None:
+def check_tag(tag_dir: Path, *, digests: dict[str, dict[str, Any]] | None = None) -> TagInfo:
+    """Sizes always; checksums when `digests` (from `digest_files`) is given: then a listed file
+    without a digest, or one that could not be read, is damage too."""
+    try:
+        raw = json.loads((tag_dir / META_FILE).read_text())
+    except (OSError, ValueError):
         return TagInfo(tag_dir.name, tag_dir, None, (f"{META_FILE} missing or unreadable",))
+    if bad := meta_problems(raw):
+        return TagInfo(tag_dir.name, tag_dir, None, tuple(f"{META_FILE}: {p}" for p in bad))
     problems = []
-    for name, rec in sorted(meta["files"].items()):
+    for name, rec in sorted(raw["files"].items()):
         try:
             f = safe_relpath(tag_dir, name)
         except CheckpointError as e:
             problems.append(str(e))
             continue
+        got = (digests or {}).get(name)
         if not f.is_file():
             problems.append(f"{name}: missing")
         elif f.stat().st_size != rec["size"]:
             problems.append(f"{name}: {f.stat().st_size} bytes, expected {rec['size']}")
-        elif digests is not None and name in digests and digests[name] != rec["sha256"]:
+        elif digests is not None and got is None:
+            problems.append(f"{name}: no checksum computed")
+        elif got is not None and "error" in got:
+            problems.append(f"{name}: unreadable ({got['error']})")
+        elif got is not None and got["sha256"] != rec["sha256"]:
             problems.append(f"{name}: checksum mismatch")
-    return TagInfo(tag_dir.name, tag_dir, meta, tuple(problems))
+    return TagInfo(tag_dir.name, tag_dir, raw, tuple(problems))
 
 
 def tags(ckpt_dir: Path) -> list[Path]:
@@ -186,24 +254,44 @@ def tmp_dir_for(ckpt_dir: Path, tag: str) -> Path:
 
 
 def commit(tmp: Path, final: Path) -> None:
-    """Move a finished temporary tag into place; an older tag of the same name is replaced."""
+    """Move a finished temporary tag into place; an older tag of the same name is replaced.
+
+    Re-saving a step: the old copy is first renamed to `.old-<tag>` (still complete, with its
+    meta.json), then the new one takes the name. A crash between the two renames leaves the old copy
+    under that name, which `clean_tmp` puts back when no tag of that name exists."""
     if final.exists():
-        old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
+        old = final.with_name(f"{OLD_PREFIX}{final.name}")
+        _remove(old)
         os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(final.parent)
+        _remove(old)
     else:
         os.replace(tmp, final)
     fsync_dir(final.parent)
 
 
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists() or p.is_symlink():
+        p.unlink(missing_ok=True)
+
+
 def clean_tmp(ckpt_dir: Path) -> None:
-    """Remove leftovers of interrupted saves (never a complete tag)."""
-    if ckpt_dir.is_dir():
-        for p in ckpt_dir.iterdir():
-            if p.name.startswith(TMP_PREFIX):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    """Remove leftovers of interrupted saves and rotations (never a complete tag); the old copy of a
+    re-saved step whose replacement never arrived is restored under its own name."""
+    if not ckpt_dir.is_dir():
+        return
+    for p in ckpt_dir.iterdir():
+        if p.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            _remove(p)
+        elif p.name.startswith(OLD_PREFIX):
+            original = p.with_name(p.name[len(OLD_PREFIX):])
+            if tag_step(original.name) is not None and not original.exists() and (p / META_FILE).is_file():
+                os.replace(p, original)
+            else:
+                _remove(p)
 
 
 def rotate(ckpt_dir: Path, keep_last: int, *, protect: set[str], upto_step: int | None = None) -> list[str]:
@@ -219,7 +307,12 @@ def rotate(ckpt_dir: Path, keep_last: int, *, protect: set[str], upto_step: int 
     for p in complete[:-keep_last] if keep_last > 0 else []:
         if p.name in protect:
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        # Rename first: an interrupted delete then leaves a `.trash-` folder that `clean_tmp` collects,
+        # never a `step_` folder without its meta.json.
+        trash = p.with_name(f"{TRASH_PREFIX}{p.name}")
+        _remove(trash)
+        os.replace(p, trash)
+        _remove(trash)
         removed.append(p.name)
     return removed
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,21 +55,29 @@ def _agree(error: str | None) -> str | None:
     return None
 
 
-def _hash_share(tag_dir: Path, names: list[str], rank: int, world: int) -> dict[str, dict[str, Any]]:
-    out = {}
-    for name in names[rank::world]:
-        f = tag_dir / name
-        out[name] = {"size": f.stat().st_size, "sha256": layout.file_digest(f)}
-    return out
-
-
 def distributed_digests(tag_dir: Path, names: list[str], ctx: dist.DistContext) -> dict[str, dict[str, Any]]:
-    """Collective. Size and sha256 of every file, the hashing split across ranks."""
-    share = _hash_share(tag_dir, names, ctx.rank, ctx.world_size)
+    """Collective. `layout.digest_files` of every file, the hashing split across ranks; a file a rank
+    could not read comes back with an `error`, never dropped."""
+    share = layout.digest_files(tag_dir, names[ctx.rank :: ctx.world_size])
     merged: dict[str, dict[str, Any]] = {}
     for part in dist.all_gather_object(share):
         merged.update(part)
     return merged
+
+
+def _run_id(ckpt_dir: Path) -> str:
+    """Local (rank 0). The id of the run that owns `ckpt_dir`, made on first use. Tags record it, so a
+    tag copied in from elsewhere is told apart from one this run folder wrote itself."""
+    path = ckpt_dir / layout.RUN_ID_FILE
+    try:
+        found = path.read_text().strip()
+    except OSError:
+        found = ""
+    if len(found) == 32 and all(c in "0123456789abcdef" for c in found):
+        return found
+    new = uuid.uuid4().hex
+    layout.write_atomic(path, new + "\n")
+    return new
 
 
 class CheckpointManager:
@@ -76,14 +85,16 @@ class CheckpointManager:
         self.dir, self.cfg, self.ctx = ckpt_dir, cfg, ctx
         self._pending: Callable[[], None] | None = None  # finishes an async save
         self.best: tuple[float, str] | None = None
+        self.run_id: str | None = None
         if ctx.is_main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             layout.clean_tmp(ckpt_dir)
+            self.run_id = _run_id(ckpt_dir)
             best = layout.read_pointer(ckpt_dir, layout.BEST_FILE)
             meta = layout.read_meta(ckpt_dir / best) if best else None
             if meta and meta.get("val_loss") is not None:
                 self.best = (float(meta["val_loss"]), best)
-        self.best = dist.broadcast_object(self.best)
+        self.best, self.run_id = dist.broadcast_object((self.best, self.run_id))
 
     # ------------------------------------------------------------------ save
 
@@ -140,16 +151,16 @@ class CheckpointManager:
             except OSError as e:
                 err = str(e)
         names = dist.broadcast_object(names)
-        try:
-            files = distributed_digests(tmp, names, self.ctx)
-        except OSError as e:
-            err, files = f"hashing {tmp}: {e.strerror or e}", {}
+        files = distributed_digests(tmp, names, self.ctx)
+        unreadable = sorted(n for n, rec in files.items() if "error" in rec)
+        if unreadable and err is None:
+            err = f"hashing {tmp}: {unreadable[0]}: {files[unreadable[0]]['error']}"
         if (err := _agree(err)) is not None:
             return err
         if self.ctx.is_main:
             try:
                 layout.fsync_tree(tmp, names)
-                layout.write_meta(tmp, {**meta, "step": step, "created": time.time()}, files)
+                layout.write_meta(tmp, {**meta, "step": step, "created": time.time(), "run_id": self.run_id}, files)
                 layout.commit(tmp, final)
                 layout.write_atomic(self.dir / layout.LATEST_FILE, final.name + "\n")
                 self._update_best(final.name, meta.get("val_loss"))
@@ -219,7 +230,10 @@ class CheckpointManager:
             if info.intact:
                 if latest and tag_dir.name != latest:
                     log.warning("latest names %s, which is damaged or incomplete; resuming from %s", latest, tag_dir.name)
-                client_state = engine.load_checkpoint(tag_dir, info.meta)
+                # Whether this run folder wrote the tag: formats that must run foreign code to convert
+                # (DeepSpeed's universal checkpoints) refuse tags of other origin.
+                meta = {**info.meta, "own_run": info.meta.get("run_id") == self.run_id}
+                client_state = engine.load_checkpoint(tag_dir, meta)
                 log.info("resumed from %s (step %d)", tag_dir, info.step)
                 return client_state
             if info.meta is not None or tag_dir.name == latest:
@@ -229,17 +243,10 @@ class CheckpointManager:
         return None
 
     def verify(self, tag_dir: Path) -> layout.TagInfo:
-        """Collective. Sizes and checksums of one tag, the hashing split across ranks."""
-        info = layout.check_tag(tag_dir)
-        info = dist.broadcast_object(info)
+        """Collective. Sizes and checksums of one tag, the hashing split across ranks; the verdict is
+        made on rank 0 from every rank's digests and broadcast, so all ranks take the same branch."""
+        info = dist.broadcast_object(layout.check_tag(tag_dir) if self.ctx.is_main else None)
         if not info.intact:
             return info
-        names = sorted(info.meta["files"])
-        try:
-            share = {k: v["sha256"] for k, v in _hash_share(tag_dir, names, self.ctx.rank, self.ctx.world_size).items()}
-        except OSError:
-            share = {}
-        digests: dict[str, str] = {}
-        for part in dist.all_gather_object(share):
-            digests.update(part)
-        return layout.check_tag(tag_dir, digests=digests)
+        digests = distributed_digests(tag_dir, sorted(info.meta["files"]), self.ctx)
+        return dist.broadcast_object(layout.check_tag(tag_dir, digests=digests) if self.ctx.is_main else None)

@@ -11,9 +11,10 @@ sharded    `<tag>/dcp/`: only the `model.*` entries, loaded in groups of at most
 deepspeed  `<tag>/deepspeed/`: the fp32 master partitions, one rank's file at a time (ZeRO-1/2 flat
            groups, ZeRO-3 per-parameter partitions; offload writes the same files). Moments are mapped,
            never read. DeepSpeed pickles a few of its own objects: they are read with
-           `weights_only=True` and stand-ins for exactly those classes (their content is not needed).
+           `weights_only=True` and stand-ins for exactly those classes (`deepspeed_state.load_file`).
 
-Imports: torch, `scaletrain.checkpoint.{dcp_safe,torch_state,weights}`, `scaletrain.errors`.
+Imports: torch, `scaletrain.checkpoint` (`dcp_safe`, `deepspeed_state`, `layout`, `torch_state`, `weights`,
+`zero_layout`), `scaletrain.errors`.
 """
 
 from __future__ import annotations
@@ -24,18 +25,16 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from scaletrain.checkpoint import dcp_safe, torch_state
+from scaletrain.checkpoint import dcp_safe, deepspeed_state, layout, torch_state
 from scaletrain.checkpoint.weights import canonical_name
 from scaletrain.errors import CheckpointError
 
 Write = Callable[[str, int, torch.Tensor], None]
-DEEPSPEED_DIR = "deepspeed"
 
 
 @dataclass
@@ -132,38 +131,6 @@ def dcp_reader(tag_dir: Path, *, budget: int = 256 << 20) -> Reader:
 # ---------------------------------------------------------------------------------------------- DeepSpeed
 
 
-class _DeepSpeedObject:
-    """Stand-in for the few DeepSpeed objects in its pickles (loss scaler, ZeRO stage enum, fragment
-    addresses): keeps what it was built from, runs nothing."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
-_DEEPSPEED_GLOBALS = [
-    (_DeepSpeedObject, name)
-    for name in (
-        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-        "deepspeed.runtime.zero.config.ZeroStageEnum",
-        "deepspeed.utils.tensor_fragment.fragment_address",
-    )
-]
-
-
-def load_deepspeed_file(path: Path) -> dict[str, Any]:
-    """A DeepSpeed .pt file, mapped (mmap) and read with weights_only=True."""
-    try:
-        with torch.serialization.safe_globals(_DEEPSPEED_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise CheckpointError(f"DeepSpeed file {path} cannot be read safely ({type(e).__name__}: "
-                              f"{str(e).splitlines()[-1] if str(e) else e})") from e
-
-
 def _rank_of(path: Path) -> int:
     m = re.search(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$", path.name)
     return int(m.group(1)) if m else -1
@@ -184,10 +151,10 @@ def _deepspeed_files(ds_dir: Path) -> tuple[Path, list[Path], list[Path]]:
 def deepspeed_reader(tag_dir: Path) -> Reader:
     from scaletrain.checkpoint import zero_layout
 
-    ds_dir = tag_dir / DEEPSPEED_DIR
+    ds_dir = tag_dir / layout.DEEPSPEED_DIR
     model_file, optim_files, stage3_models = _deepspeed_files(ds_dir)
-    states = load_deepspeed_file(model_file)
-    plan = zero_layout.plan(states, optim_files, stage3_models, load_deepspeed_file)
+    states = deepspeed_state.load_file(model_file)
+    plan = zero_layout.plan(states, optim_files, stage3_models, deepspeed_state.load_file)
     shapes = {canonical_name(n): tuple(s) for n, s in plan.shapes.items()}
     aliases = {canonical_name(a): canonical_name(b) for a, b in (states.get("shared_params") or {}).items()}
     aliases = {a: b for a, b in aliases.items() if b in shapes and a not in shapes}
@@ -203,24 +170,11 @@ def deepspeed_reader(tag_dir: Path) -> Reader:
     return Reader(f"deepspeed-zero{plan.stage}", entries, aliases, fill)
 
 
-# ---------------------------------------------------------------------------------------------- detection
-
-
-def detect(tag_dir: Path) -> str:
-    if (tag_dir / DEEPSPEED_DIR).is_dir():
-        return "deepspeed"
-    if (tag_dir / torch_state.DCP_DIR / ".metadata").is_file():
-        return "sharded"
-    if (tag_dir / torch_state.MODEL_FILE).is_file():
-        return "full"
-    raise CheckpointError(
-        f"{tag_dir}: no {DEEPSPEED_DIR}/, {torch_state.DCP_DIR}/.metadata or {torch_state.MODEL_FILE}: "
-        "not a scaletrain checkpoint tag"
-    )
+# ---------------------------------------------------------------------------------------------- opening
 
 
 def open_reader(tag_dir: Path) -> Reader:
-    kind = detect(tag_dir)
+    kind = layout.detect_format(tag_dir)
     if kind == "deepspeed":
         return deepspeed_reader(tag_dir)
     return dcp_reader(tag_dir) if kind == "sharded" else full_reader(tag_dir)

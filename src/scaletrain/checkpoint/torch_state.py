@@ -8,7 +8,8 @@ Both:    `engine.pt` (step count, loss scaler) and `client_state.pt` (the loop's
 Every file is read with `weights_only=True`: tensors, numbers, strings and containers only (DCP
 through `dcp_safe`). An async save runs DCP's collectives on a process group of its own, so the
 background writer never interleaves with the training step's collectives on the default group.
-Imports: torch, `scaletrain.checkpoint.dcp_safe`, `scaletrain.errors`. Knows nothing of the loop.
+Imports: torch, `scaletrain.checkpoint.dcp_safe`, `scaletrain.checkpoint.layout`, `scaletrain.errors`.
+Knows nothing of the loop.
 """
 
 from __future__ import annotations
@@ -26,17 +27,17 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
-    set_model_state_dict,
     set_state_dict,
 )
 
+from scaletrain.checkpoint import layout
 from scaletrain.checkpoint.dcp_safe import SafeFileSystemReader, SafeLoadPlanner
 from scaletrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-DCP_DIR = "dcp"
-MODEL_FILE = "model.pt"
+DCP_DIR = layout.DCP_DIR
+MODEL_FILE = layout.MODEL_FILE
 OPTIM_FILE = "optim.pt"
 ENGINE_FILE = "engine.pt"
 CLIENT_FILE = "client_state.pt"
@@ -68,14 +69,6 @@ def load_trusted_file(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise CheckpointError(f"checkpoint file {path} cannot be read ({type(e).__name__}: {e})") from e
-
-
-def detect_format(path: Path) -> str:
-    if (path / DCP_DIR / ".metadata").is_file():
-        return "sharded"
-    if (path / MODEL_FILE).is_file():
-        return "full"
-    raise CheckpointError(f"checkpoint {path}: neither {DCP_DIR}/.metadata nor {MODEL_FILE} found")
 
 
 def save(
@@ -125,7 +118,10 @@ def tie_groups(model: nn.Module) -> list[list[str]]:
 
 def load(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Collective. Restore model + optimizer from either format; returns (engine_state, client_state)."""
-    fmt = detect_format(path)
+    fmt = layout.detect_format(path)
+    if fmt not in ("sharded", "full"):
+        raise CheckpointError(f"checkpoint {path} holds {fmt} files; a PyTorch-native backend reads DCP or full "
+                              "checkpoints (convert it, or resume it with the backend that wrote it)")
     try:
         if fmt == "sharded":
             model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -151,11 +147,6 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Collective. Full fp32 weights gathered to rank 0 on the CPU; {} elsewhere."""
     sd = get_model_state_dict(model, options=_FULL)
     return sd if _rank() == 0 else {}
-
-
-def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Collective. Every rank passes the same full state dict; each keeps its own shard."""
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 def release_async_group() -> None:

@@ -6,13 +6,11 @@ not finite. What the harness keeps: the optimizer (torch AdamW over `optim.param
 `DeepSpeedCPUAdam` with optimizer offload), the learning rate of every step (set on the param groups
 from the pure schedule, so the curve equals DDP's; no DeepSpeed scheduler), and the step count.
 
-Checkpoints are DeepSpeed's own files in `<tag>/deepspeed/` (`mp_rank_00_model_states.pt` and one
-`*_optim_states.pt` per rank), with the loop's client state inside the model-states file; DeepSpeed's
-own `latest` is never written. Its files are read with `weights_only=True` (see `_SafeTorchEngine`).
-A tag written on another world size is converted with DeepSpeed's universal checkpoint tool first.
+Checkpoints are DeepSpeed's own files in `<tag>/deepspeed/`, written, read (with `weights_only=True`)
+and converted for another world size by `scaletrain.checkpoint.deepspeed_state`.
 
 Imports: torch, deepspeed, `scaletrain.engines.base`, `scaletrain.checkpoint`, `scaletrain.config`,
-`scaletrain.ds_config`, `scaletrain.dist`, `scaletrain.materialize`, `scaletrain.optim`, `scaletrain.errors`.
+`scaletrain.ds_config`, `scaletrain.materialize`, `scaletrain.optim`.
 """
 
 from __future__ import annotations
@@ -29,20 +27,16 @@ import deepspeed
 import torch
 import torch.nn as nn
 
-from scaletrain import dist
-from scaletrain.checkpoint import layout
+from scaletrain.checkpoint import deepspeed_state
 from scaletrain.checkpoint.weights import canonical_name
 from scaletrain.config import DeepSpeedConfig, OptimConfig
 from scaletrain.ds_config import HARNESS_SECTIONS, offload_on
 from scaletrain.engines.base import Engine, EngineSpec, StepStats
-from scaletrain.errors import CheckpointError
 from scaletrain.materialize import WeightsSource, build_initialized, parameter_value, tie_groups
 from scaletrain.optim import param_groups
 
 log = logging.getLogger(__name__)
 
-DS_TAG = "deepspeed"  # <tag>/deepspeed/: the folder the consolidate tool reads; keep the name
-STATE_KEY = "scaletrain"  # our entry in DeepSpeed's client_state
 
 
 def _quiet_deepspeed() -> None:
@@ -82,7 +76,7 @@ class DeepSpeedEngine(Engine):
         self._ds, self.optimizer, _, _ = deepspeed.initialize(
             model=raw, optimizer=optimizer, config=config, dist_init_required=False
         )
-        maybe_use_safe_loading(self._ds)
+        deepspeed_state.use_safe_loading(self._ds)
         self._basic_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
 
     def _make_optimizer(self, raw: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
@@ -144,48 +138,10 @@ class DeepSpeedEngine(Engine):
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, path: Path, client_state: dict[str, Any], *, async_save: bool = False) -> None:
-        state = {STATE_KEY: {"client_state": client_state}}
-        # Collective. DeepSpeed's `latest` is not written: the harness's meta.json and ckpt/latest rule.
-        self._ds.save_checkpoint(save_dir=str(path), tag=DS_TAG, client_state=state, save_latest=False)
+        deepspeed_state.save(self._ds, path, client_state)
 
     def load_checkpoint(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-        meta = layout.read_meta(path) or {}
-        saved_world = int(meta.get("world_size", self.ctx.world_size))
-        if saved_world != self.ctx.world_size:
-            return self._load_other_world_size(path, saved_world)
-        load_path, client = self._ds.load_checkpoint(
-            str(path), tag=DS_TAG, load_module_strict=True, load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
-        return self._client_state(path, load_path, client)
-
-    def _client_state(self, path: Path, load_path: Any, client: dict[str, Any] | None) -> dict[str, Any]:
-        if load_path is None or not client or STATE_KEY not in client:
-            raise CheckpointError(f"checkpoint {path}: no DeepSpeed state in {path / DS_TAG}; was it written by "
-                                  "backend=deepspeed?")
-        state = client[STATE_KEY]
-        return state["client_state"]
-
-    def _load_other_world_size(self, path: Path, saved_world: int) -> dict[str, Any]:
-        """Collective. Rank 0 converts `<tag>/deepspeed` to DeepSpeed's universal format (once, kept
-        beside it), then every rank loads its own slice of that for the new world size."""
-        universal = path / UNIVERSAL_DIR
-        err = None
-        if self.ctx.is_main and not (universal / DS_TAG / "zero").is_dir():
-            err = convert_to_universal(path / DS_TAG, universal / DS_TAG)
-        err = dist.broadcast_object(err)
-        if err:
-            raise CheckpointError(f"checkpoint {path} was written on {saved_world} processes and this run has "
-                                  f"{self.ctx.world_size}; converting it failed ({err}); convert by hand: "
-                                  f"{convert_command(path)}")
-        log.info("checkpoint %s: world size %d -> %d through DeepSpeed's universal format", path, saved_world,
-                 self.ctx.world_size)
-        with loading_universal(self._ds):
-            load_path, client = self._ds.load_checkpoint(
-                str(universal), tag=DS_TAG, load_module_strict=True, load_optimizer_states=True,
-                load_lr_scheduler_states=False,
-            )
-        return self._client_state(path, load_path, client)
+        return deepspeed_state.load(self._ds, path, meta, world_size=self.ctx.world_size, rank=self.ctx.rank)
 
     # ------------------------------------------------------------------ export
 
@@ -227,83 +183,3 @@ def build_zero3(factory: Callable[[], nn.Module], config: dict[str, Any], *, see
                 if rank == 0:
                     param.data.copy_(parameter_value(model, names, param, seed=seed, source=reader))
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# DeepSpeed's files: safe loading, universal conversion for a new world size.
-
-UNIVERSAL_DIR = "deepspeed_universal"  # <tag>/deepspeed_universal/deepspeed/: a conversion kept beside the tag
-
-
-def _safe_globals() -> list[Any]:
-    """The few DeepSpeed classes its optimizer-state files hold besides tensors and containers."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
-
-
-def maybe_use_safe_loading(ds_engine: Any) -> None:
-    """Swap DeepSpeed's torch checkpoint engine for one that reads with `weights_only=True`.
-
-    DeepSpeed 0.19 reads its own files with `torch.load(weights_only=False)`, which runs any pickled
-    code in a file from elsewhere. Ours allows tensors, containers and the classes in `_safe_globals`
-    only. A non-default checkpoint engine (nebula, decoupled) is left as it is.
-    """
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    if type(ds_engine.checkpoint_engine) is not TorchCheckpointEngine:
-        return
-
-    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location: Any = None) -> Any:
-            try:
-                with torch.serialization.safe_globals(_safe_globals()):
-                    return torch.load(path, map_location=map_location, weights_only=True)
-            except Exception as e:
-                raise CheckpointError(f"checkpoint file {path} cannot be read safely "
-                                      f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
-
-    ds_engine.checkpoint_engine = SafeTorchCheckpointEngine(ds_engine._config)
-
-
-def convert_command(path: Path) -> str:
-    return (f"python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state --input_folder {path / DS_TAG} "
-            f"--output_folder {path / UNIVERSAL_DIR / DS_TAG}")
-
-
-def convert_to_universal(src: Path, dst: Path) -> str | None:
-    """Local (rank 0). DeepSpeed's converter in a child process, into a temporary folder renamed at the
-    end; returns an error line or None. The converter reads the files with weights_only=False: it is
-    meant for checkpoints this run wrote."""
-    import shutil
-    import subprocess
-    import sys
-
-    tmp = dst.parent.with_name(f".tmp-{dst.parent.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
-           "--num_extract_workers", "1", "--num_merge_workers", "1",
-           "--input_folder", str(src), "--output_folder", str(tmp / dst.name)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return f"ds_to_universal exited {proc.returncode}: {tail}"
-    shutil.rmtree(dst.parent, ignore_errors=True)
-    tmp.rename(dst.parent)
-    return None
-
-
-@contextlib.contextmanager
-def loading_universal(ds_engine: Any) -> Iterator[None]:
-    """DeepSpeed reads `checkpoint.load_universal` from its config object at load time: switch it on
-    for this one load instead of making every run declare it."""
-    cfg = ds_engine._config
-    before = cfg.load_universal_checkpoint
-    cfg.load_universal_checkpoint = True
-    try:
-        yield
-    finally:
-        cfg.load_universal_checkpoint = before

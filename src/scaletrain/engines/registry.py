@@ -16,7 +16,8 @@ compare, a conversion target):
 
 `spec_overrides("fsdp:hybrid_shard")` gives the config overrides a spec stands for; `spec_of(cfg)`
 names a config's backend the same way (recorded in meta.json). Imports: `scaletrain.config`,
-`scaletrain.errors`; `scaletrain.ds_config` and `scaletrain.engines` (torch) only inside functions.
+`scaletrain.errors`; `scaletrain.ds_config`, `scaletrain.tensor_parallel` and `scaletrain.engines` (torch)
+only inside functions.
 """
 
 from __future__ import annotations
