@@ -37,9 +37,19 @@ def _status(field: str) -> int:
 def _worker(args: argparse.Namespace) -> None:
     from scaletrain import cli
 
-    code = cli.main(["train", *args.overrides])
     out = Path(args.result) / f"rank{os.environ.get('RANK', '0')}.json"
-    out.write_text(json.dumps({"code": int(code), "peak": _status("VmHWM"), "rss": _status("VmRSS")}))
+
+    def record(code: int) -> None:
+        out.write_text(json.dumps({"code": int(code), "peak": _status("VmHWM"), "rss": _status("VmRSS")}))
+
+    exit_now = cli._exit_now  # runs instead of returning when a library keeps threads alive (DeepSpeed)
+
+    def record_then_exit(code: int, threads: list[str]) -> None:
+        record(code)
+        exit_now(code, threads)
+
+    cli._exit_now = record_then_exit
+    record(cli.main(["train", *args.overrides]))
 
 
 def _baseline() -> int:

@@ -39,8 +39,7 @@ def verify_tag(tag_dir: Path) -> layout.TagInfo:
     info = layout.check_tag(tag_dir)
     if info.meta is None:
         return info
-    digests = {n: layout.file_digest(tag_dir / n) for n in info.meta["files"]}
-    return layout.check_tag(tag_dir, digests=digests)
+    return layout.check_tag(tag_dir, digests=layout.digest_files(tag_dir, sorted(info.meta["files"])))
 
 
 def output(r: subprocess.CompletedProcess) -> str:

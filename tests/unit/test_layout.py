@@ -249,3 +249,109 @@ def test_resume_falls_back_past_a_damaged_latest_and_refuses_escapes(tmp_path: P
     (ckpt / "latest").write_text("../../etc\n")
     with pytest.raises(CheckpointError, match="not a plain name"):
         m.resume(engine)
+
+
+# ---------------------------------------------------------------------------------------------
+# Review items: damage that must not pass, structure that must not crash, deletes that must not lose.
+
+
+def test_item6_an_unreadable_or_undigested_file_is_damage(tmp_path: Path):
+    tag = make_tag(tmp_path, 1)
+    names = layout.list_files(tag)
+    good = layout.digest_files(tag, names)
+    assert layout.check_tag(tag, digests=good).intact
+    missing_one = dict(list(good.items())[1:])  # a rank's share that never arrived
+    info = layout.check_tag(tag, digests=missing_one)
+    assert not info.intact and any("no checksum computed" in p for p in info.problems)
+    (tag / names[0]).chmod(0o000)
+    try:
+        import os
+
+        if os.geteuid() == 0:  # root reads anything: simulate the read error the way digest_files reports it
+            unreadable = {**good, names[0]: {"error": "Permission denied"}}
+        else:
+            unreadable = layout.digest_files(tag, names)
+        info = layout.check_tag(tag, digests=unreadable)
+        assert not info.intact and any("unreadable" in p for p in info.problems)
+    finally:
+        (tag / names[0]).chmod(0o644)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda m: m.update(files=[]), "'files' is not a mapping"),
+        (lambda m: m.update(step="7"), "'step' is not a non-negative integer"),
+        (lambda m: m["files"].update({"x": {"size": "1"}}), "lacks an integer size and a sha256"),
+        (lambda m: m.update(format_version=99), "format_version 99 is newer than this scaletrain reads"),
+    ],
+)
+def test_item16_malformed_meta_is_one_problem_not_a_traceback(tmp_path: Path, mutate, needle: str):
+    tag = make_tag(tmp_path, 1)
+    meta = json.loads((tag / layout.META_FILE).read_text())
+    mutate(meta)
+    (tag / layout.META_FILE).write_text(json.dumps(meta))
+    info = layout.check_tag(tag)
+    assert not info.intact and any(needle in p for p in info.problems), info.problems
+    assert layout.read_meta(tag) is None
+
+
+def test_item16_inspect_and_consolidate_report_malformed_meta_in_one_line(tmp_path: Path, capsys):
+    from scaletrain import cli
+
+    tag = make_tag(tmp_path, 1)
+    meta = json.loads((tag / layout.META_FILE).read_text())
+    meta["files"] = []
+    (tag / layout.META_FILE).write_text(json.dumps(meta))
+    assert cli.main(["inspect", str(tmp_path), "--verify"]) == 1
+    assert "'files' is not a mapping" in capsys.readouterr().out
+    assert cli.main(["consolidate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is damaged" in err and "'files' is not a mapping" in err
+
+
+def test_item18_rotation_renames_before_deleting_and_leftovers_are_collected(tmp_path: Path, monkeypatch):
+    for step in (1, 2, 3):
+        make_tag(tmp_path, step)
+    real_remove = layout._remove
+    calls = []
+
+    def interrupted(p: Path) -> None:  # the process dies before the delete
+        calls.append(p.name)
+        if p.name.startswith(layout.TRASH_PREFIX) and p.exists():
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(layout, "_remove", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        layout.rotate(tmp_path, keep_last=1, protect=set())
+    monkeypatch.setattr(layout, "_remove", real_remove)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert f"{layout.TRASH_PREFIX}step_00000001" in names and "step_00000001" not in names  # no meta-less step_
+    layout.clean_tmp(tmp_path)
+    assert [p.name for p in layout.tags(tmp_path)] == ["step_00000002", "step_00000003"]
+    assert not any(p.name.startswith(layout.TRASH_PREFIX) for p in tmp_path.iterdir())
+
+
+def test_item18_resaving_a_step_keeps_the_old_copy_until_the_new_one_is_in_place(tmp_path: Path, monkeypatch):
+    import os
+
+    old = make_tag(tmp_path, 5, payload=b"old" * 10)
+    tmp = layout.tmp_dir_for(tmp_path, old.name)
+    (tmp / "dcp").mkdir(parents=True)
+    (tmp / "dcp" / "__0_0.distcp").write_bytes(b"new" * 10)
+    layout.write_meta(tmp, {"step": 5}, layout.digest_files(tmp, layout.list_files(tmp)))
+    real_replace = os.replace
+
+    def crash_on_second(src, dst):  # dies between the two renames
+        if Path(src) == tmp:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(layout.os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        layout.commit(tmp, old)
+    monkeypatch.setattr(layout.os, "replace", real_replace)
+    assert not old.exists()
+    layout.clean_tmp(tmp_path)  # the next start puts the old, complete copy back
+    assert layout.check_tag(old, digests=digests(old)).intact
+    assert (old / "dcp" / "__0_0.distcp").read_bytes() == b"old" * 10

@@ -128,6 +128,9 @@ def save(ds_engine: Any, path: Path, client_state: dict[str, Any]) -> None:
 
 def load(ds_engine: Any, path: Path, meta: dict[str, Any], *, world_size: int, rank: int) -> dict[str, Any]:
     """Collective. Restore `path` into `ds_engine`; returns the loop's client state."""
+    if (fmt := layout.detect_format(path)) != "deepspeed":
+        raise CheckpointError(f"checkpoint {path} holds {fmt} files of a PyTorch-native backend; resume it with "
+                              "backend=ddp or fsdp, or convert it")
     saved_world = int(meta.get("world_size", world_size))
     if saved_world == world_size:
         load_path, client = ds_engine.load_checkpoint(str(path), tag=DS_DIR, load_module_strict=True,

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -126,6 +127,7 @@ def load(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> t
         if fmt == "sharded":
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
+            _check_shapes(path, model_sd)
             dcp.load(state, storage_reader=SafeFileSystemReader(str(path / DCP_DIR)), planner=SafeLoadPlanner())
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
@@ -138,9 +140,28 @@ def load(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> t
             set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
     except CheckpointError:
         raise
+    except CheckpointException as e:  # a BaseException: gathered failures of every rank
+        first = next(iter(e.failures.values()), e) if getattr(e, "failures", None) else e
+        text = str(first[0] if isinstance(first, tuple) else first).strip().splitlines() or [type(e).__name__]
+        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {text[0]}") from None
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {str(e).splitlines()[0]}") from e
     return load_trusted_file(path / ENGINE_FILE), load_trusted_file(path / CLIENT_FILE)
+
+
+def _check_shapes(path: Path, model_sd: dict[str, Any]) -> None:
+    """Name the first model tensor whose saved shape differs from the model's (DCP itself would fail
+    later with a BaseException whose message names neither)."""
+    from scaletrain.checkpoint.dcp_safe import read_metadata
+
+    saved = read_metadata(path / DCP_DIR).state_dict_metadata
+    for name, value in model_sd.items():
+        meta = saved.get(f"model.{name}")
+        want = tuple(value.shape)  # a DTensor's shape is its global shape
+        got = tuple(getattr(meta, "size", ()) or ())
+        if meta is not None and got and got != want:
+            raise CheckpointError(f"checkpoint {path} was written for another model: {name} has shape {got} there "
+                                  f"and {want} here; resume with the model settings it was saved with")
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
