@@ -1,16 +1,16 @@
 """Peak memory per rank of a whole short run (model build, one optimizer step, the final save), per
 backend, for a GPT too big to be copied freely: ~150 M parameters (12 layers x 1024, byte vocabulary), fp32.
 
-Run on 2 CPU processes (the script starts them itself, one torchrun per backend):
+Run on 2 CPU processes (the script starts them itself, one torchrun per case):
 
-    python bench/bench_memory.py                                  # ddp fsdp deepspeed:3
-    python bench/bench_memory.py --backends fsdp tp:2 --n-layer 12 --n-embd 1024
+    python bench/bench_memory.py                                  # both phases; ddp fsdp deepspeed:3
+    python bench/bench_memory.py --phase run --backends fsdp tp:2
 
-Each rank runs the real `scaletrain train` entry point and, when it returns, reports its peak
-resident memory (`VmHWM` from /proc/self/status) and the resident memory right after imports and
-process-group set-up would be (`VmRSS` of a fresh interpreter that imported torch and scaletrain,
-measured once). The figure is peak GB per rank, against the DDP run of the same model, and the full
-fp32 model size (4 bytes x parameters) for scale.
+Phase `build`: per rank, the peak RSS growth (`VmHWM` after the build minus `VmRSS` before it, with
+VmHWM reset first) of model construction alone: the plain full build (what DDP holds), meta + FSDP +
+materialise, meta + TP x FSDP + materialise, and zero.Init for ZeRO-3, as a multiple of the full fp32
+model (target <= 0.6 for the sharded ones). Phase `run`: each rank runs the real `scaletrain train`
+entry point for one step with its final save and reports its peak RSS (`VmHWM`), against DDP's.
 """
 
 from __future__ import annotations
@@ -52,6 +52,79 @@ def _worker(args: argparse.Namespace) -> None:
     record(cli.main(["train", *args.overrides]))
 
 
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux: writing 5 to clear_refs); False where that is refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _build_worker(args: argparse.Namespace) -> None:
+    """Phase `build`: peak RSS growth of model construction alone, before any optimizer state exists."""
+
+    from scaletrain import dist
+    from scaletrain.config import ModelConfig
+    from scaletrain.model import GPT
+
+    ctx = dist.init(dist.current_launch(), timeout_s=600)
+    cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)
+    factory = lambda: GPT(cfg, 256)  # noqa: E731
+    baseline = _status("VmRSS")
+    reset = _reset_peak()
+    if args.variant == "plain":
+        from scaletrain.materialize import build_initialized
+
+        model = build_initialized(factory, device=ctx.device, seed=0)
+    elif args.variant == "zero3":
+        from scaletrain.config import load_config
+        from scaletrain.ds_config import resolve_ds_config
+        from scaletrain.engines.deepspeed_zero import build_zero3
+
+        ds = resolve_ds_config(load_config(None, ["backend=deepspeed", "backend.deepspeed.stage=3",
+                                                  "train.micro_batch_size=1"]), world_size=ctx.world_size)
+        ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
+        model = build_zero3(factory, ds, seed=0, source=None)
+    else:  # meta build, FSDP (or TP x FSDP) on meta, then each rank materialises its shard
+        from scaletrain import parallel
+        from scaletrain.config import FSDPConfig
+        from scaletrain.materialize import build_on_meta, materialize
+
+        tp = 2 if args.variant == "tp" else 1
+        mesh = parallel.build_mesh(ctx, fsdp=FSDPConfig(), tp_size=tp)
+        model = build_on_meta(factory)
+        if tp > 1:
+            parallel.apply_tp(model, mesh)
+        parallel.apply_fsdp(model, parallel.model_blocks(model), FSDPConfig(), mesh=mesh, precision="fp32",
+                            device_type=ctx.device_type)
+        materialize(model, device=ctx.device, seed=0)
+    peak = _status("VmHWM")
+    out = Path(args.result) / f"rank{ctx.rank}.json"
+    out.write_text(json.dumps({"baseline": baseline, "peak": peak, "reset": reset,
+                               "params": sum(p.numel() for p in model.parameters())}))
+    del model
+    dist.teardown()
+
+
+def _build_phase(args: argparse.Namespace, tmp: Path, params: int) -> dict:
+    report = {}
+    for variant in ("plain", "fsdp", "tp", "zero3"):
+        result = tmp / f"build_{variant}"
+        result.mkdir()
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", __file__,
+               "--build-worker", "--variant", variant, "--result", str(result), "--n-layer", str(args.n_layer),
+               "--n-head", str(args.n_head), "--n-embd", str(args.n_embd), "--block-size", str(args.block_size)]
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=args.timeout,
+                       stdout=subprocess.DEVNULL)
+        ranks = [json.loads((result / f"rank{r}.json").read_text()) for r in range(2)]
+        growth = max(r["peak"] - r["baseline"] for r in ranks)
+        report[variant] = {"growth_gb": growth / 1e9, "ratio_to_model": growth / (4 * params),
+                           "peak_reset": all(r["reset"] for r in ranks)}
+    return report
+
+
 def _baseline() -> int:
     """VmRSS of an interpreter that imported torch and the harness (what every rank starts from)."""
     code = ("import torch, torch.distributed, scaletrain.loop, scaletrain.engines.torch_native\n"
@@ -89,7 +162,11 @@ def main() -> int:
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--data", default=None, help="prepared data folder (default: prepare the built-in corpus)")
     p.add_argument("--timeout", type=float, default=1200)
+    p.add_argument("--phase", choices=["build", "run", "both"], default="both",
+                   help="build: peak growth of model construction; run: peak of a 1-step run with its save")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--build-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="plain", help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -100,19 +177,27 @@ def main() -> int:
     params = 12 * args.n_layer * args.n_embd**2 + 256 * args.n_embd + args.block_size * args.n_embd
     model_gb = 4 * params / 1e9
     base_gb = _baseline() / 1e9
+    report: dict = {}
+    build: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.data is None:
-            from scaletrain.data import prepare
+        if args.phase in ("build", "both"):
+            build = _build_phase(args, Path(tmp), params)
+        if args.phase in ("run", "both"):
+            if args.data is None:
+                from scaletrain.data import prepare
 
-            args.data = str(Path(tmp) / "data")
-            prepare([], Path(args.data), max_bytes=2_000_000)
-        report = {spec: _run(spec, args, Path(tmp)) for spec in args.backends}
+                args.data = str(Path(tmp) / "data")
+                prepare([], Path(args.data), max_bytes=2_000_000)
+            report = {spec: _run(spec, args, Path(tmp)) for spec in args.backends}
     print(f"GPT {params / 1e6:.0f} M parameters, full fp32 model {model_gb:.2f} GB, baseline RSS {base_gb:.2f} GB")
+    for variant, r in build.items():
+        print(f"build {variant:6s} peak growth {r['growth_gb']:.3f} GB per rank = {r['ratio_to_model']:.2f} x the "
+              f"full fp32 model{'' if r['peak_reset'] else ' (VmHWM could not be reset: growth overstated)'}")
     ref = report.get("ddp", {}).get("peak_gb")
     for spec, r in report.items():
         vs = f" | {r['peak_gb'] / ref:.2f} x DDP" if ref else ""
-        print(f"{spec:14s} peak {r['peak_gb']:.2f} GB per rank{vs} | exit codes {r['codes']}")
-    print(json.dumps({"params": params, "model_gb": model_gb, "baseline_gb": base_gb, "runs": report}))
+        print(f"run   {spec:14s} peak {r['peak_gb']:.2f} GB per rank{vs} | exit codes {r['codes']}")
+    print(json.dumps({"params": params, "model_gb": model_gb, "baseline_gb": base_gb, "build": build, "runs": report}))
     return 0
 
 

@@ -26,6 +26,19 @@ AUTO = "auto"
 DEFAULT_STAGE = 2
 OFFLOAD_DEVICES = ("cpu", "nvme")
 
+# Bucket and live-parameter limits, in elements, where the JSON does not set them. DeepSpeed's own
+# defaults (reduce/allgather buckets 5e8, stage3_max_live_parameters and max_reuse_distance 1e9) are
+# sized for multi-billion models on GPUs: a 5e8-element fp32 bucket alone is 2 GB, and a 1e9 live limit
+# keeps every gathered parameter of a 150 M model alive, which made ZeRO-3's peak exceed DDP's.
+# 2.5e7 elements is 100 MB at fp32 (50 MB at bf16) per bucket: large enough for full-bandwidth
+# collectives, small beside a GPU's memory; 5e7 live elements cap what ZeRO-3 keeps gathered.
+ZERO_MEMORY_DEFAULTS: dict[int, dict[str, float]] = {
+    1: {"reduce_bucket_size": 2.5e7, "allgather_bucket_size": 2.5e7},
+    2: {"reduce_bucket_size": 2.5e7, "allgather_bucket_size": 2.5e7},
+    3: {"reduce_bucket_size": 2.5e7, "stage3_prefetch_bucket_size": 2.5e7, "stage3_max_live_parameters": 5e7,
+        "stage3_max_reuse_distance": 5e7, "stage3_param_persistence_threshold": 1e4},
+}
+
 # Sections the harness replaces with its own objects: the engine builds AdamW (or DeepSpeedCPUAdam)
 # from optim.* and sets the lr of every step from the schedule, so the curves equal DDP's.
 HARNESS_SECTIONS = ("optimizer", "scheduler")
@@ -176,6 +189,10 @@ def resolve_ds_config(cfg: Config, *, world_size: int) -> dict[str, Any]:
         raise ConfigError(f"{where}: {len(conflicts)} value(s) disagree with the harness config: "
                           f"{'; '.join(conflicts)}; set them to \"auto\" or change the harness config")
     _check_layout(tree, where)
+    zero = tree["zero_optimization"]
+    for key, value in ZERO_MEMORY_DEFAULTS[zero["stage"]].items():
+        if zero.get(key, AUTO) == AUTO:
+            zero[key] = int(value)
     left = _leftover_auto(tree)
     if left:
         raise ConfigError(f"{where}: no harness value fills \"auto\" at {', '.join(left)}; give explicit values there")

@@ -7,8 +7,8 @@ are shared by the parity, layout, resume and world-size tests, so each costs one
 from __future__ import annotations
 
 import json
-import sys
 import shutil
+import sys
 from pathlib import Path
 
 import pytest

@@ -76,7 +76,8 @@ def test_stage_and_offload_overrides_against_the_file():
 
 
 def test_without_a_file_the_flags_build_the_config():
-    assert _resolve("backend=deepspeed")["zero_optimization"] == {"stage": 2}
+    assert _resolve("backend=deepspeed")["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 25_000_000,
+                                                                  "allgather_bucket_size": 25_000_000}
     ds = _resolve("backend=deepspeed", "backend.deepspeed.stage=3", "backend.deepspeed.offload_optimizer=true",
                   "backend.deepspeed.offload_param=true")
     zero = ds["zero_optimization"]
@@ -100,9 +101,21 @@ def test_optimizer_section_is_filled_and_checked(tmp_path: Path):
 
 
 def test_auto_without_a_harness_value_is_an_error(tmp_path: Path):
-    path = _write(tmp_path, {"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}})
-    with pytest.raises(ConfigError, match=re.escape("zero_optimization.reduce_bucket_size")):
+    path = _write(tmp_path, {"zero_optimization": {"stage": 2, "overlap_comm": "auto"}})
+    with pytest.raises(ConfigError, match=re.escape("zero_optimization.overlap_comm")):
         _resolve(ds=path)
+
+
+def test_memory_limits_default_to_sizes_that_fit_beside_the_model(tmp_path: Path):
+    """DeepSpeed's own defaults (5e8-element buckets, 1e9 live parameters) made ZeRO-3's peak exceed
+    DDP's on a 150 M model; the harness fills smaller ones where the JSON is silent or says "auto",
+    and keeps explicit values."""
+    zero = _resolve("backend=deepspeed", "backend.deepspeed.stage=3")["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 25_000_000 and zero["stage3_max_live_parameters"] == 50_000_000
+    assert zero["stage3_max_reuse_distance"] == 50_000_000 and zero["stage3_prefetch_bucket_size"] == 25_000_000
+    path = _write(tmp_path, {"zero_optimization": {"stage": 3, "reduce_bucket_size": 123, "stage3_max_live_parameters": "auto"}})
+    zero = _resolve(ds=path)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 123 and zero["stage3_max_live_parameters"] == 50_000_000
 
 
 def test_missing_and_malformed_files_name_the_file(tmp_path: Path):
