@@ -10,14 +10,15 @@
 # Needs root (the daemons run as root so jobs can run as any user) and Debian/Ubuntu packages
 # slurmctld slurmd slurm-client munge. Nothing outside the state dir is written except by apt-get:
 # the config, munge key, sockets, spool, logs and pid files all live in
-# $SCALETRAIN_SLURM_DIR (default /tmp/scaletrain-slurm). Client commands find the cluster through
+# $SCALETRAIN_SLURM_DIR (default /var/lib/scaletrain-slurm: root-owned, not the shared temporary
+# folder, where another user could pre-create it). Client commands find the cluster through
 # SLURM_CONF=$SCALETRAIN_SLURM_DIR/slurm.conf; jobs inherit it.
 #
 # Knobs (environment): SCALETRAIN_SLURM_DIR, SCALETRAIN_SLURM_PORT (slurmctld port, slurmd uses +1;
 # default 6817), SCALETRAIN_SLURM_CPUS (default: this machine's CPU count).
 set -euo pipefail
 
-STATE=${SCALETRAIN_SLURM_DIR:-/tmp/scaletrain-slurm}
+STATE=${SCALETRAIN_SLURM_DIR:-/var/lib/scaletrain-slurm}
 PORT=${SCALETRAIN_SLURM_PORT:-6817}
 CPUS=${SCALETRAIN_SLURM_CPUS:-$(nproc)}
 NODE=$(hostname -s)
@@ -27,6 +28,27 @@ export SLURM_CONF=$CONF
 
 die() { echo "local_cluster: $*" >&2; exit 1; }
 need_root() { [[ $(id -u) == 0 ]] || die "must run as root (the Slurm daemons run as root)"; }
+
+# The state folder holds the munge key and the config that root daemons read: refuse a symlink (at
+# the folder or any of its parts we create) and a folder owned by someone else, then create it 0755.
+check_state_dir() {
+  local dir=$1 uid=${2:-$(id -u)} owner
+  [[ $dir == /* ]] || { echo "local_cluster: state folder $dir must be an absolute path" >&2; return 1; }
+  if [[ -L $dir ]]; then
+    echo "local_cluster: state folder $dir is a symlink; refusing (remove it or set SCALETRAIN_SLURM_DIR)" >&2
+    return 1
+  fi
+  if [[ -e $dir ]]; then
+    owner=$(stat -c %u "$dir")
+    if [[ ! -d $dir || $owner != "$uid" ]]; then
+      echo "local_cluster: state folder $dir exists but is not a folder owned by uid $uid; refusing" >&2
+      return 1
+    fi
+  else
+    mkdir -p -m 0755 "$dir" || return 1
+  fi
+  return 0
+}
 
 missing_packages() {
   local p
@@ -50,6 +72,11 @@ cmd_install() {
 }
 
 write_config() {
+  check_state_dir "$STATE" || exit 1
+  local sub
+  for sub in munge ctld spool log; do
+    [[ -L $STATE/$sub ]] && die "$STATE/$sub is a symlink; refusing"
+  done
   mkdir -p "$STATE"/{munge,ctld,spool,log}
   chmod 0755 "$STATE"
   chmod 0700 "$STATE/munge"

@@ -12,9 +12,18 @@ import json
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from scaletrain.errors import ConfigError
 
@@ -27,23 +36,40 @@ Precision = Literal["bf16", "fp16", "fp32"]
 BackendKind = Literal["ddp", "fsdp", "deepspeed"]
 
 
+def _not_bool(v: Any) -> Any:
+    # `true` is an int to Python; a boolean for a number is a typo, not 1.
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got a boolean ({str(v).lower()})")
+    return v
+
+
+# Integers are strict: no bools, no floats, no strings. The override parser and TOML/JSON/YAML already
+# give typed values, so `train.max_steps=3` still works while `train.max_steps=true` is refused.
+Int = Annotated[int, Strict()]
+# Floats take ints (`optim.lr=1`) but not bools; non-finite values are refused model-wide.
+Float = Annotated[float, BeforeValidator(_not_bool)]
+# Seeds feed torch.manual_seed (seed + 1000 * step + rank) and a Philox uint64 key.
+MAX_SEED = 2**63 - 1
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    # allow_inf_nan=False: `inf`/`nan` would pass `gt=0` and overflow later (timeouts, schedules).
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class RunConfig(_Section):
     name: str = Field("scaletrain", description="Run name, shown in logs and trackers.")
     out_dir: Path = Field(Path("runs/default"), description="Run directory: config.json, metrics.jsonl, ckpt/.")
-    seed: int = Field(1337, ge=0, description="Seeds model init and the data order.")
+    seed: Int = Field(1337, ge=0, le=MAX_SEED, description="Seeds model init and the data order.")
 
 
 class ModelConfig(_Section):
-    n_layer: int = Field(4, ge=1, description="Transformer blocks.")
-    n_head: int = Field(4, ge=1, description="Attention heads per block.")
-    n_embd: int = Field(128, ge=1, description="Width of the residual stream.")
-    block_size: int = Field(128, ge=2, description="Sequence length in tokens.")
-    vocab_size: int | None = Field(None, ge=2, description="Defaults to the data's vocab_size.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    n_layer: Int = Field(4, ge=1, description="Transformer blocks.")
+    n_head: Int = Field(4, ge=1, description="Attention heads per block.")
+    n_embd: Int = Field(128, ge=1, description="Width of the residual stream.")
+    block_size: Int = Field(128, ge=2, description="Sequence length in tokens.")
+    vocab_size: Int | None = Field(None, ge=2, description="Defaults to the data's vocab_size.")
+    dropout: Float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = Field(False, description="Biases in linear layers and norms.")
     factory: str | None = Field(None, description='A user model: "pkg.module:function" (see docs/models.md).')
     init_from: Path | None = Field(None, description="Start from a consolidated weights file.")
@@ -70,21 +96,21 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    max_steps: int = Field(200, ge=1, description="Optimizer steps in the whole run.")
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per rank per micro-step.")
-    grad_accum: int | None = Field(None, description="Micro-steps per optimizer step (default 1).")
-    global_batch_size: int | None = Field(
+    max_steps: Int = Field(200, ge=1, description="Optimizer steps in the whole run.")
+    micro_batch_size: Int = Field(8, ge=1, description="Sequences per rank per micro-step.")
+    grad_accum: Int | None = Field(None, description="Micro-steps per optimizer step (default 1).")
+    global_batch_size: Int | None = Field(
         None, ge=1, description="Sequences per optimizer step; derives grad_accum instead."
     )
-    grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 turns clipping off.")
-    max_skipped_steps: int = Field(5, ge=0, description="Non-finite steps in a row before the run stops.")
-    eval_every: int = Field(100, ge=0, description="Steps between evaluations; 0 only at the end.")
-    eval_steps: int = Field(8, ge=0, description="Validation batches per evaluation.")
-    log_every: int = Field(10, ge=1, description="Steps between console lines.")
+    grad_clip: Float = Field(1.0, ge=0.0, description="Max global grad norm; 0 turns clipping off.")
+    max_skipped_steps: Int = Field(5, ge=0, description="Non-finite steps in a row before the run stops.")
+    eval_every: Int = Field(100, ge=0, description="Steps between evaluations; 0 only at the end.")
+    eval_steps: Int = Field(8, ge=0, description="Validation batches per evaluation.")
+    log_every: Int = Field(10, ge=1, description="Steps between console lines.")
     allow_tf32: bool = Field(
         True, description="On CUDA, fp32 matmuls and convolutions use TF32 tensor cores (nanoGPT's default)."
     )
-    stop_at: int | None = Field(
+    stop_at: Int | None = Field(
         None, ge=1, description="End this invocation after this step, with a checkpoint; the schedule "
         "still follows max_steps (time-sliced jobs)."
     )
@@ -104,10 +130,10 @@ class TrainConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = Field(1e-3, description="Peak learning rate.")
-    weight_decay: float = Field(0.1, ge=0.0, description="Applied to matrices only (see docs).")
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0.0)
+    lr: Float = Field(1e-3, description="Peak learning rate.")
+    weight_decay: Float = Field(0.1, ge=0.0, description="Applied to matrices only (see docs).")
+    betas: tuple[Float, Float] = (0.9, 0.95)
+    eps: Float = Field(1e-8, gt=0.0)
 
     @field_validator("lr")
     @classmethod
@@ -126,19 +152,19 @@ class OptimConfig(_Section):
 
 class ScheduleConfig(_Section):
     kind: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
-    warmup_steps: int = Field(20, ge=0)
-    min_lr: float = Field(1e-4, ge=0.0, description="Floor the decay ends at (absolute, not a ratio).")
-    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of steps spent decaying.")
+    warmup_steps: Int = Field(20, ge=0)
+    min_lr: Float = Field(1e-4, ge=0.0, description="Floor the decay ends at (absolute, not a ratio).")
+    decay_fraction: Float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of steps spent decaying.")
 
 
 class DDPConfig(_Section):
-    bucket_cap_mb: int = Field(25, ge=1)
+    bucket_cap_mb: Int = Field(25, ge=1)
     static_graph: bool = False
 
 
 class FSDPConfig(_Section):
     sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"] = "full_shard"
-    shard_group_size: int | None = Field(None, ge=1, description="hybrid_shard: ranks that shard together.")
+    shard_group_size: Int | None = Field(None, ge=1, description="hybrid_shard: ranks that shard together.")
     cpu_offload: bool = Field(False, description="Parameters, gradients and optimizer state in CPU memory.")
     activation_checkpointing: bool = False
     wrap_classes: tuple[str, ...] = Field(
@@ -159,26 +185,30 @@ class DeepSpeedConfig(_Section):
 
 class BackendConfig(_Section):
     kind: BackendKind = "ddp"
-    tp_size: int = Field(
+    tp_size: Int = Field(
         1, ge=1, description="Tensor-parallel ranks per model replica (torch-native backends); the "
         "data-parallel size is world size / tp_size."
     )
-    timeout_s: float = Field(600.0, gt=0, description="Collective timeout: a hung rank fails the job after it.")
+    timeout_s: Float = Field(
+        600.0, gt=0, le=30 * 86400, description="Collective timeout: a hung rank fails the job after it."
+    )
     ddp: DDPConfig = DDPConfig()
     fsdp: FSDPConfig = FSDPConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
 
 
 class CheckpointConfig(_Section):
-    every: int = Field(100, ge=0, description="Steps between checkpoints; 0 only at the end.")
-    keep_last: int = Field(3, ge=1, description="Complete tags kept by rotation (the best tag is kept apart).")
+    every: Int = Field(100, ge=0, description="Steps between checkpoints; 0 only at the end.")
+    keep_last: Int = Field(3, ge=1, description="Complete tags kept by rotation (the best tag is kept apart).")
     format: Literal["sharded", "full"] = Field("sharded", description="Per-rank shards, or one full file.")
     resume: str = Field("auto", description='"auto" (from ckpt/latest), "never", or a tag directory.')
     async_save: bool = Field(False, alias="async", description="Write in the background where the backend can.")
     on_error: Literal["fail", "warn"] = Field("fail", description="A failed save stops the run, or warns.")
     keep_best: bool = Field(True, description="Keep the tag with the lowest validation loss apart from rotation.")
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", populate_by_name=True, validate_default=True, allow_inf_nan=False
+    )
 
 
 class LoggingConfig(_Section):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from scaletrain.errors import DataError
+from scaletrain.fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ def prepare(inputs: list[Path], out_dir: Path, *, max_bytes: int | None = None, 
     """Tokenise text files (byte-level) into `out_dir/{train,val}.bin` and `meta.json`.
 
     Files are read in sorted order; the last VAL_FRACTION of the stream is the validation split.
-    Writes into temporary names and renames, so an interrupted prepare leaves no half folder.
+    A non-empty `out_dir` is refused unless `force`; the folder is written beside it and renamed into
+    place, so an interrupted prepare leaves the old folder or the new one, never a mix.
     """
     files = _text_files(inputs) if inputs else default_corpus_files()
     cap = max_bytes if max_bytes is not None else (None if inputs else DEFAULT_CORPUS_BYTES)
@@ -71,22 +73,19 @@ def prepare(inputs: list[Path], out_dir: Path, *, max_bytes: int | None = None, 
     n_val = max(int(len(stream) * VAL_FRACTION), 1)
     if len(stream) - n_val < 2:
         raise DataError(f"prepare: only {len(stream)} tokens of text; give more input")
-    out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "vocab_size": 256,
         "dtype": "uint16",
         "tokenizer": BYTE_TOKENIZER,
         "train_tokens": int(len(stream) - n_val),
         "val_tokens": int(n_val),
+        "max_token_id": int(stream.max()),
         "source_files": len(chunks),
     }
-    for name, part in (("train.bin", stream[:-n_val]), ("val.bin", stream[-n_val:])):
-        tmp = out_dir / f".{name}.tmp"
-        part.tofile(tmp)
-        tmp.replace(out_dir / name)
-    tmp = out_dir / ".meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(out_dir / "meta.json")  # written last: its presence marks a complete folder
+    with replace_dir(Path(out_dir), force=force, what="prepare --out", error=DataError) as tmp:
+        stream[:-n_val].tofile(tmp / "train.bin")
+        stream[-n_val:].tofile(tmp / "val.bin")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -108,11 +107,23 @@ def read_meta(path: Path) -> DataMeta:
         raise DataError(f"data.path: {meta_file} is missing; {hint}")
     try:
         meta = json.loads(meta_file.read_text())
-        vocab, dtype = int(meta["vocab_size"]), str(meta["dtype"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        if not isinstance(meta, dict):
+            raise TypeError("not a JSON object")
+        vocab, dtype = meta["vocab_size"], str(meta["dtype"])
+        if isinstance(vocab, bool) or not isinstance(vocab, int):
+            raise TypeError(f"vocab_size {vocab!r} is not an integer")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError, OSError) as e:
         raise DataError(f"data.path: {meta_file} is malformed ({e}); {hint}") from None
+    if vocab < 1:
+        raise DataError(f"data.path: {meta_file} has vocab_size {vocab}; expected a positive integer; {hint}")
     if dtype not in ("uint16", "uint32"):
         raise DataError(f"data.path: {meta_file} has dtype {dtype!r}; expected uint16 or uint32")
+    max_id = meta.get("max_token_id")
+    if max_id is not None and (isinstance(max_id, bool) or not isinstance(max_id, int) or max_id >= vocab):
+        raise DataError(
+            f"data.path: {meta_file} records max_token_id {max_id!r} but vocab_size {vocab}; "
+            f"the tokens do not fit the vocabulary; {hint} with the right tokenizer"
+        )
     itemsize = np.dtype(dtype).itemsize
     counts = {}
     for split in ("train", "val"):
@@ -123,13 +134,21 @@ def read_meta(path: Path) -> DataMeta:
         if size % itemsize:
             raise DataError(f"data.path: {f} is {size} bytes, not a whole number of {dtype} tokens")
         counts[split] = size // itemsize
+        recorded = meta.get(f"{split}_tokens")
+        if recorded is not None and recorded != counts[split]:
+            raise DataError(
+                f"data.path: {meta_file} says {split}_tokens={recorded!r} but {f} holds {counts[split]} "
+                f"tokens (the bins were replaced or truncated); {hint} --force"
+            )
     return DataMeta(vocab, dtype, counts["train"], counts["val"])
 
 
 class TokenSplit:
     """One split as a memmap, with sequences addressed by (seed, step, index)."""
 
-    def __init__(self, file: Path, dtype: str, block_size: int) -> None:
+    def __init__(self, file: Path, dtype: str, block_size: int, vocab_size: int | None = None) -> None:
+        self.file = file
+        self.vocab_size = vocab_size
         self.tokens = np.memmap(file, dtype=np.dtype(dtype), mode="r")
         self.block_size = block_size
         # A sequence needs block_size inputs plus one target.
@@ -147,6 +166,13 @@ class TokenSplit:
 
     def gather(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.stack([np.asarray(self.tokens[s : s + self.block_size + 1], dtype=np.int64) for s in starts])
+        # Checked per batch (one vectorised max), never by a scan of the file: an id past the vocabulary
+        # is an IndexError on CPU and a device-side assert on CUDA.
+        if self.vocab_size is not None and rows.size and int(rows.max()) >= self.vocab_size:
+            raise DataError(
+                f"data.path: {self.file} holds token id {int(rows.max())} but vocab_size is {self.vocab_size}; "
+                "re-run `scaletrain prepare` with the model's tokenizer or raise model.vocab_size"
+            )
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
 
@@ -168,8 +194,8 @@ class Batches:
     """This rank's micro-batches for training steps and evaluation, from one data folder."""
 
     def __init__(self, path: Path, meta: DataMeta, *, block_size: int, plan: BatchPlan, rank: int, seed: int):
-        self.train = TokenSplit(path / "train.bin", meta.dtype, block_size)
-        self.val = TokenSplit(path / "val.bin", meta.dtype, block_size)
+        self.train = TokenSplit(path / "train.bin", meta.dtype, block_size, meta.vocab_size)
+        self.val = TokenSplit(path / "val.bin", meta.dtype, block_size, meta.vocab_size)
         self.plan, self.rank, self.seed = plan, rank, seed
 
     def _rank_slice(self, offsets: np.ndarray, per_rank: int) -> np.ndarray:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,53 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from scaletrain.config import LoggingConfig
 
 log = logging.getLogger(__name__)
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """On resume, keep the records with `step <= after_step` (later steps will run and log again).
+
+    A line that does not parse (a torn last line after power loss) is dropped with a warning rather
+    than failing every resume. The file is replaced atomically (temp, fsync, rename), so a crash here
+    leaves either the old or the new file."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept: list[str] = []
+    bad = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                step = record.get("step", 0) if isinstance(record, dict) else None
+                if not isinstance(step, (int, float)) or isinstance(step, bool):
+                    raise ValueError("no numeric step")
+            except ValueError:
+                bad += 1
+                continue
+            if step <= after_step:
+                kept.append(json.dumps(record) + "\n")
+    if bad:
+        log.warning("%s: dropped %d line(s) that do not parse (a torn write?)", path, bad)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.writelines(kept)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
 
 
 class NullSink:

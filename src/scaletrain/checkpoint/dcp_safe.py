@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import io
 import pickle
-from pathlib import Path
-from typing import Any
+import types
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -24,26 +25,125 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from scaletrain.errors import CheckpointError
 
-# (module, name) pairs the metadata pickle may name, besides torch dtypes and DCP's metadata module.
-_ALLOWED = {
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("collections", "OrderedDict"),
+# Exactly the globals a real DCP `.metadata` names in torch 2.13 (model + AdamW, plain and FSDP2-sharded,
+# listed with pickletools). Anything else -- notably the module attributes `dataclass`, `os`, `torch` that
+# DCP's metadata module imports -- is refused: handing those out let a crafted pickle run code.
+_DCP_CLASSES = {
+    "torch.distributed.checkpoint.metadata": frozenset(
+        {
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "ChunkStorageMetadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "TensorProperties",
+            "_MEM_FORMAT_ENCODING",
+        }
+    ),
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
 }
+# Callables REDUCE may call: each builds a plain value from plain arguments.
+_REDUCE_OK = ("torch.serialization._get_layout", "pathlib.PosixPath", "pathlib.PurePosixPath",
+              "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING", "torch.Size")
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+def _allowed_global(module: str, name: str) -> Any:
+    if name in _DCP_CLASSES.get(module, ()):
+        mod = {"torch.distributed.checkpoint.metadata": dcp_metadata}.get(module)
+        if mod is None:
+            from torch.distributed.checkpoint import filesystem as mod
+        obj = mod.__dict__.get(name)
+        if isinstance(obj, type):
+            return obj
+    if module == "torch":
+        obj = torch.__dict__.get(name)
+        if name == "Size":
+            return torch.Size
+        if isinstance(obj, torch.dtype):
+            return obj
+    if module == "torch.serialization" and name == "_get_layout":
+        from torch.serialization import _get_layout
+
+        return _get_layout
+    if module == "pathlib" and name in ("PosixPath", "PurePosixPath"):
+        import pathlib
+
+        return getattr(pathlib, name)
+    raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+class _MetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Allow-list unpickler on the pure-Python unpickler (DCP writes protocol 4 with FRAMEs, which
+    torch's weights-only unpickler cannot read). Globals come only from `_allowed_global`; REDUCE may
+    call only `_REDUCE_OK`; BUILD and NEWOBJ refuse classes and modules as their target, so no
+    class attribute (`__annotations__`, `__init__`...) can be rewritten."""
+
+    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+
     def find_class(self, module: str, name: str) -> Any:
-        if module == dcp_metadata.__name__ and not name.startswith("__"):
-            return getattr(dcp_metadata, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+        return _allowed_global(module, name)
+
+    def _load_reduce(self) -> None:
+        func = self.stack[-2]
+        if _qualname(func) not in _REDUCE_OK:
+            raise pickle.UnpicklingError(f"REDUCE of {_qualname(func)} is not allowed in checkpoint metadata")
+        pickle._Unpickler.load_reduce(self)  # type: ignore[attr-defined]
+
+    def _load_build(self) -> None:
+        target = self.stack[-2]
+        if isinstance(target, (type, types.ModuleType)) or not _is_dcp_instance(target):
+            raise pickle.UnpicklingError(f"BUILD on {_qualname(target)} is not allowed in checkpoint metadata")
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+    def _load_newobj(self) -> None:
+        cls = self.stack[-2]
+        if not (isinstance(cls, type) and _is_dcp_class(cls)):
+            raise pickle.UnpicklingError(f"NEWOBJ of {_qualname(cls)} is not allowed in checkpoint metadata")
+        pickle._Unpickler.load_newobj(self)  # type: ignore[attr-defined]
+
+    def _load_newobj_ex(self) -> None:
+        cls = self.stack[-3]
+        if not (isinstance(cls, type) and _is_dcp_class(cls)):
+            raise pickle.UnpicklingError(f"NEWOBJ of {_qualname(cls)} is not allowed in checkpoint metadata")
+        pickle._Unpickler.load_newobj_ex(self)  # type: ignore[attr-defined]
+
+    def _refuse(self) -> None:
+        raise pickle.UnpicklingError("persistent ids and extension registries are not allowed in checkpoint metadata")
+
+    dispatch[pickle.REDUCE[0]] = _load_reduce
+    dispatch[pickle.BUILD[0]] = _load_build
+    dispatch[pickle.NEWOBJ[0]] = _load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = _load_newobj_ex
+    for _op in (pickle.PERSID, pickle.BINPERSID, pickle.EXT1, pickle.EXT2, pickle.EXT4, pickle.INST, pickle.OBJ):
+        dispatch[_op[0]] = _refuse
+    del _op
+
+
+def _is_dcp_class(cls: type) -> bool:
+    return cls.__name__ in _DCP_CLASSES.get(cls.__module__, ())
+
+
+def _is_dcp_instance(obj: Any) -> bool:
+    return not isinstance(obj, type) and _is_dcp_class(type(obj))
+
+
+def _check_relative_paths(md: dcp_metadata.Metadata, path: Path) -> None:
+    """Each shard's `relative_path` must stay inside the DCP folder (no absolute path, no `..`)."""
+    for info in (getattr(md, "storage_data", None) or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if rel is None:
+            continue
+        p = PurePosixPath(str(rel))
+        if not isinstance(rel, str) or p.is_absolute() or "\\" in rel or ".." in p.parts or len(p.parts) != 1:
+            raise CheckpointError(
+                f"checkpoint metadata {path}: shard path {rel!r} leaves the checkpoint folder; "
+                "the checkpoint is corrupt or hostile, do not load it"
+            )
 
 
 def read_metadata(dcp_dir: Path) -> dcp_metadata.Metadata:
@@ -52,10 +152,12 @@ def read_metadata(dcp_dir: Path) -> dcp_metadata.Metadata:
     try:
         with open(path, "rb") as f:
             md = _MetadataUnpickler(f).load()
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint metadata {path} cannot be read safely: {e}") from e
+    except Exception as e:  # any failure of an untrusted file is one line, never a traceback
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"checkpoint metadata {path} cannot be read safely: {msg}") from None
     if not isinstance(md, dcp_metadata.Metadata):
         raise CheckpointError(f"checkpoint metadata {path} is not DCP metadata")
+    _check_relative_paths(md, path)
     return md
 
 

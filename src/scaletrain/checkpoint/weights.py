@@ -17,10 +17,23 @@ from scaletrain.errors import CheckpointError
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
+# Wrappers that sit at the front only (DDP once, torch.compile once, in either order) versus wrapper
+# components that can appear mid-name and are reserved by torch (a user cannot mean them).
+_FRONT_WRAPPERS = ("module", "_orig_mod")
+_INNER_WRAPPERS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
 def canonical_name(name: str) -> str:
-    """`module._orig_mod.blocks.0._checkpoint_wrapped_module.attn.qkv.weight` -> `blocks.0.attn.qkv.weight`."""
-    parts = [p for p in name.split(".") if f"{p}." not in WRAPPER_PREFIXES]
-    return ".".join(parts)
+    """`module._orig_mod.blocks.0._checkpoint_wrapped_module.attn.qkv.weight` -> `blocks.0.attn.qkv.weight`.
+
+    Only wrapper prefixes are stripped: a user submodule literally named `module` (`enc.module.w`, or
+    `module.module.w` under DDP) keeps its name, so two parameters never collapse into one."""
+    parts = name.split(".")
+    seen: set[str] = set()
+    while len(parts) > 1 and parts[0] in _FRONT_WRAPPERS and parts[0] not in seen:
+        seen.add(parts[0])
+        parts = parts[1:]
+    return ".".join(p for p in parts if p not in _INNER_WRAPPERS)
 
 
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
@@ -39,8 +52,9 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
             sd = load_file(str(path), device="cpu")
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"weights file {path} cannot be read: {str(e).splitlines()[0] if str(e) else e}") from e
+    except Exception as e:  # untrusted file: pickle refusals, safetensors header errors... all one line
+        first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"weights file {path} cannot be read: {first}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"weights file {path} is not a flat dict of tensors")
     return {canonical_name(k): v.float() if v.is_floating_point() else v for k, v in sd.items()}
