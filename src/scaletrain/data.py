@@ -7,7 +7,7 @@ Sampling is a pure function: the start offset of sequence `i` of optimizer step 
 generator seeded with (seed, s), so resume needs only the step, and a run on 1 rank and one on N
 ranks see the same global batches. A rank takes the contiguous slice of the global batch that its
 rank index names, then cuts it into micro-batches. Knows nothing of engines.
-Imports: numpy, torch, `scaletrain.errors`.
+Imports: numpy, torch, `scaletrain.errors`, `scaletrain.fsutil`.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from scaletrain.checkpoint.manager import CheckpointManager
 from scaletrain.config import Config, TrainConfig, resolve_grad_accum
 from scaletrain.engines import Engine, EngineSpec, registry
 from scaletrain.errors import ConfigError, TrainingError
-from scaletrain.metrics import Throughput, make_sink
+from scaletrain.metrics import Throughput, make_sink, truncate_metrics
 from scaletrain.model import build_model, count_params
 from scaletrain.optim import build_adamw, lr_at
 from scaletrain.runlock import RunInUseError, RunLock, check_free
@@ -168,14 +168,6 @@ def evaluate(engine: Engine, batches: data_mod.Batches, num_batches: int, ctx: d
     return total / max(count, 1)
 
 
-def _truncate_metrics(path: Path, after_step: int) -> None:
-    """On resume, drop records of steps past the checkpoint: they will be run and logged again."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 def train_step(engine: Engine, micro: list, ctx: dist.DistContext, lr: float,
                votes: Sequence[bool] = ()) -> tuple[float, Any, list[float]]:
     """Collective. One optimizer step over this rank's micro-batches at learning rate `lr`.
@@ -217,7 +209,7 @@ class _Run:
         client = self.ckpt.resume(self.engine)
         state = TrainState.from_client_state(client)
         if self.ctx.is_main:
-            _truncate_metrics(self.cfg.run.out_dir / "metrics.jsonl", state.step)
+            truncate_metrics(self.cfg.run.out_dir / "metrics.jsonl", state.step)
         rngs = (client or {}).get("rng") or []
         if len(rngs) == self.ctx.world_size:
             set_rng_state(rngs[self.ctx.rank])

@@ -151,3 +151,32 @@ def test_a_tag_of_the_other_family_is_refused_in_one_line(tiny_data: Path, tmp_p
     other = {} if leftover == "deepspeed" else DS2
     r = train(tiny_overrides(tiny_data, run, **{**other, "train.max_steps": 4}), nproc=1, check=False)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-3000:]
+
+
+def test_item3_consolidate_force_replaces_only_its_own_files(tiny_data: Path, tmp_path: Path):
+    """`--force --max-shard-size --out DIR` used to empty DIR first. Now: a folder holding anything
+    else is refused (nothing deleted), a folder containing the checkpoint is refused, and --force
+    replaces only files named like consolidate's own outputs."""
+    from helpers import scaletrain
+
+    run = tmp_path / "r"
+    train(tiny_overrides(tiny_data, run, **{"train.max_steps": 2}), nproc=1)
+    ckpt = run / "ckpt"
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    r = scaletrain("consolidate", str(ckpt), "--force", "--max-shard-size", "100KB", "--out", str(user))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "notes.txt" in r.stderr, r.stderr
+    assert (user / "notes.txt").read_text() == "keep me"
+    for inside in (run, ckpt, ckpt / "step_00000002"):  # never the checkpoint's folder or one holding it
+        r = scaletrain("consolidate", str(ckpt), "--force", "--max-shard-size", "100KB", "--out", str(inside))
+        assert r.returncode == 2 and "overlaps the checkpoint" in r.stderr, r.stderr
+    out = tmp_path / "shards"
+    assert scaletrain("consolidate", str(ckpt), "--max-shard-size", "100KB", "--out", str(out)).returncode == 0
+    first = sorted(p.name for p in out.iterdir())
+    assert any(n.endswith(".index.json") for n in first) and len(first) > 2
+    r = scaletrain("consolidate", str(ckpt), "--max-shard-size", "100KB", "--out", str(out))
+    assert r.returncode == 2 and "--force" in r.stderr
+    r = scaletrain("consolidate", str(ckpt), "--force", "--max-shard-size", "1MB", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]

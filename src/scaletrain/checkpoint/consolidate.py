@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +170,7 @@ def consolidate(ckpt_dir: Path, *, tag: str | None = None, out: Path | None = No
     else:
         targets = [out / f"model-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
     index = out / f"model.{ext}.index.json" if max_shard_size is not None else None
-    _prepare_out(out, targets + ([index] if index else []), force=force, is_dir=index is not None)
+    _prepare_out(out, targets + ([index] if index else []), force=force, is_dir=index is not None, tag_dir=tag_dir)
     meta = {"format": "pt", "source": f"{tag_dir.name} ({reader.format})",
             "tied": json.dumps(reader.aliases, sort_keys=True)}
     cls = _SafetensorsFile if fmt == "safetensors" else _PtFile
@@ -197,16 +196,36 @@ def consolidate(ckpt_dir: Path, *, tag: str | None = None, out: Path | None = No
     return targets + ([index] if index else [])
 
 
-def _prepare_out(out: Path, paths: list[Path], *, force: bool, is_dir: bool) -> None:
-    existing = [p for p in paths if p.exists()] + ([out] if is_dir and out.exists() and any(out.iterdir()) else [])
-    if existing and not force:
-        raise CheckpointError(f"consolidate: {existing[0]} exists; pass --force to replace it or choose --out")
+# What consolidate (and an HF-style export) writes into an output folder; nothing else is ever touched.
+OWN_FILES = re.compile(r"^(model(-\d{5}-of-\d{5})?\.(safetensors|pt)(\.index\.json)?|config\.json|generation_config\.json)$")
+
+
+def _prepare_out(out: Path, paths: list[Path], *, force: bool, is_dir: bool, tag_dir: Path) -> None:
+    """Refuse an output that would overwrite what this command did not write: never the checkpoint's
+    own folder (or one containing it); with --force only files named like consolidate's outputs are
+    replaced, and a folder holding anything else is refused."""
+    resolved, tag = out.resolve(), tag_dir.resolve()
+    if resolved == tag or tag.is_relative_to(resolved) or resolved.is_relative_to(tag):
+        raise CheckpointError(f"consolidate: --out {out} overlaps the checkpoint {tag_dir}; choose a folder outside it")
     if is_dir:
-        if force and out.is_dir():
-            shutil.rmtree(out)
+        if out.exists() and not out.is_dir():
+            raise CheckpointError(f"consolidate: --out {out} is a file; give a folder for sharded output")
+        present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        foreign = [n for n in present if not OWN_FILES.match(n)]
+        if foreign:
+            raise CheckpointError(f"consolidate: {out} holds files consolidate did not write ({', '.join(foreign[:3])}"
+                                  f"{', ...' if len(foreign) > 3 else ''}); choose an empty --out folder")
+        if present and not force:
+            raise CheckpointError(f"consolidate: {out / present[0]} exists; pass --force to replace it or choose --out")
+        for name in present:  # stale shards of an earlier consolidation; only names matching OWN_FILES
+            (out / name).unlink()
         out.mkdir(parents=True, exist_ok=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        return
+    if out.is_dir():
+        raise CheckpointError(f"consolidate: --out {out} is a folder; give a file name (or use --max-shard-size)")
+    if out.exists() and not force:
+        raise CheckpointError(f"consolidate: {out} exists; pass --force to replace it or choose --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
 
 
 def run(args: argparse.Namespace) -> int:
