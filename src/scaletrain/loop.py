@@ -194,11 +194,12 @@ class _Run:
         cfg = plan.cfg
         self.plan, self.cfg, self.ctx = plan, cfg, ctx
         self.info = RunInfo(cfg.run.out_dir, ctx.rank, ctx.world_size, cfg.train.max_steps, cfg.to_json_dict())
-        self.callbacks = CallbackList([SinkCallback(make_sink(ctx.is_main, cfg.run.out_dir, cfg.logging,
-                                                              self.info.config)), *callbacks])
         self.engine = make_engine(plan, ctx)
         self.ckpt = CheckpointManager(cfg.run.out_dir / "ckpt", cfg.checkpoint, ctx)
         self.state = self._resume()
+        # After resume: truncating metrics.jsonl replaces the file, so the sink opens the new one.
+        self.callbacks = CallbackList([SinkCallback(make_sink(ctx.is_main, cfg.run.out_dir, cfg.logging,
+                                                              self.info.config)), *callbacks])
         tp = cfg.backend.tp_size
         # Ranks of one tensor-parallel group (neighbours on the mesh's innermost dim) read the same data.
         self.batches = data_mod.Batches(cfg.data.path, plan.data_meta, block_size=cfg.model.block_size,
