@@ -72,6 +72,12 @@ def _build_worker(args: argparse.Namespace) -> None:
     ctx = dist.init(dist.current_launch(), timeout_s=600)
     cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)
     factory = lambda: GPT(cfg, 256)  # noqa: E731
+    # Import everything a variant uses before the baseline, so the growth is the model's alone.
+    import scaletrain.materialize
+    import scaletrain.parallel
+    import scaletrain.tensor_parallel
+    if args.variant == "zero3":
+        import scaletrain.engines.deepspeed_zero  # noqa: F401
     baseline = _status("VmRSS")
     reset = _reset_peak()
     if args.variant == "plain":
@@ -172,6 +178,9 @@ def main() -> int:
     args = p.parse_args()
     if args.worker:
         _worker(args)
+        return 0
+    if args.build_worker:
+        _build_worker(args)
         return 0
     # Blocks (attention 4 d^2, MLP 8 d^2), byte-level embedding tied to the head, positions; norms are noise.
     params = 12 * args.n_layer * args.n_embd**2 + 256 * args.n_embd + args.block_size * args.n_embd

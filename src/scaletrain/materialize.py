@@ -143,15 +143,19 @@ class WeightsSource:
             else:
                 for f in self._safetensors_files():
                     self._add_safetensors(f)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"model.init_from: cannot read {self.path} ({str(e).splitlines()[0]}); give a "
-                                  "file written by `scaletrain consolidate`") from e
+        except Exception as e:  # a file from elsewhere: pickle refusals, safetensors header errors, ...
+            first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"model.init_from: cannot read {self.path} ({first}); give a file written by "
+                                  "`scaletrain consolidate`") from None
 
     def _safetensors_files(self) -> list[Path]:
         if self.path.name.endswith(".index.json"):
             index = json.loads(self.path.read_text())["weight_map"]
-            # Shard names are plain file names beside the index: a path elsewhere is not read.
-            return sorted({self.path.parent / Path(str(f)).name for f in index.values()})
+            names = {str(f) for f in index.values()}
+            # Shards are plain files beside the index: no other folder, and never an index again.
+            if any(Path(n).name != n or n.endswith(".index.json") for n in names):
+                raise ValueError("a shard name in the index is not a plain weights file beside it")
+            return sorted(self.path.parent / n for n in names)
         if self.path.suffix != ".safetensors":
             raise ValueError("not a .safetensors file, its .index.json, or a .pt state dict")
         return [self.path]

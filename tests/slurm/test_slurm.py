@@ -22,7 +22,7 @@ from helpers import REPO, child_env, losses, read_metrics, tiny_overrides
 pytestmark = pytest.mark.slurm
 
 CLUSTER = REPO / "launch" / "slurm" / "local_cluster.sh"
-STATE = Path(os.environ.get("SCALETRAIN_SLURM_DIR", "/tmp/scaletrain-slurm"))
+STATE = Path(os.environ.get("SCALETRAIN_SLURM_DIR", "/var/lib/scaletrain-slurm"))
 # name -> (script, SCALETRAIN_DS_CONFIG): "srun" runs deepspeed.sbatch's srun tasks with DDP, the
 # same training as the torchrun job, so its losses compare with that job's.
 SETUPS = {
@@ -154,10 +154,10 @@ def test_preemption_saves_requeues_and_resumes(
 
 
 def test_crash_on_one_rank_ends_srun_job(slurm, tiny_data: Path, tmp_path: Path):
-    """srun --kill-on-bad-exit: rank 1 raises at step 3; the job fails soon after (not after the 600 s
-    collective timeout) and its log names rank 1."""
+    """srun --kill-on-bad-exit (SCALETRAIN_KILL_ON_BAD_EXIT=1): rank 1 raises at step 3; the job fails
+    soon after (not after the 600 s collective timeout) and its log names rank 1."""
     mark, log = tmp_path / "fault", tmp_path / "job.log"
-    env = _job_env(slurm, "srun", FAULT_RANK="1", FAULT_STEP="3", FAULT_MARK=str(mark))
+    env = _job_env(slurm, "srun", FAULT_RANK="1", FAULT_STEP="3", FAULT_MARK=str(mark), SCALETRAIN_KILL_ON_BAD_EXIT="1")
     o = tiny_overrides(
         tiny_data, tmp_path / "run", **{"model.factory": "fault_models:crash_lm", "train.max_steps": 8}
     )

@@ -39,3 +39,23 @@ def test_canonical_name_keeps_user_submodule_named_module() -> None:
         "blocks.0.attn.qkv.weight"
     )
     assert canonical_name("_fsdp_wrapped_module.h.0._fsdp_wrapped_module.w") == "h.0.w"
+
+
+def test_item17_index_shard_names_stay_beside_the_index(tmp_path):
+    """A safetensors index whose shard names leave the folder, or name an index (itself), is refused
+    in one line by both readers (init_from's streaming one and the plain loader)."""
+    import json
+
+    import pytest
+
+    from scaletrain.checkpoint.weights import load_weights_file
+    from scaletrain.errors import CheckpointError
+    from scaletrain.materialize import WeightsSource
+
+    for shard in ("../outside.safetensors", "/etc/x.safetensors", "model.safetensors.index.json"):
+        index = tmp_path / "model.safetensors.index.json"
+        index.write_text(json.dumps({"weight_map": {"w": shard}}))
+        with pytest.raises(CheckpointError, match="not a plain weights file beside"):
+            load_weights_file(index)
+        with pytest.raises(CheckpointError, match="not a plain weights file beside"):
+            WeightsSource(index)

@@ -44,7 +44,11 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
             index = json.loads(path.read_text())
             out: dict[str, torch.Tensor] = {}
             for shard in sorted(set(index["weight_map"].values())):
-                out.update(load_weights_file(path.parent / shard))
+                # Shards are plain files beside the index: no other folder, and never an index again.
+                name = Path(str(shard)).name
+                if name != str(shard) or name.endswith(".index.json"):
+                    raise ValueError(f"shard name {shard!r} is not a plain weights file beside the index")
+                out.update(load_weights_file(path.parent / name))
             return out
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
