@@ -76,7 +76,10 @@ def _run_id(ckpt_dir: Path) -> str:
     if len(found) == 32 and all(c in "0123456789abcdef" for c in found):
         return found
     new = uuid.uuid4().hex
-    layout.write_atomic(path, new + "\n")
+    try:
+        layout.write_atomic(path, new + "\n")
+    except OSError as e:  # a read-only ckpt/: saves will fail and say so (or warn); the run may go on
+        log.warning("cannot record this run's id in %s (%s)", path, e.strerror or e)
     return new
 
 
