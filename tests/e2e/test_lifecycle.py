@@ -73,6 +73,7 @@ def test_item4_nothing_left_when_train_returns(tiny_data: Path, tmp_path: Path, 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 50 runs of a few seconds each
 @pytest.mark.parametrize("sharding", ["no_shard", "hybrid_shard"])
 def test_item4_fifty_runs_exit_cleanly(tiny_data: Path, tmp_path: Path, sharding: str):
     failures = []
