@@ -4,7 +4,7 @@ The loop talks to an Engine and never asks which backend it has. Public verbs ho
 and call small protected hooks each backend fills. Each verb says whether it is collective (every
 rank must call it, in the same order) or local.
 
-Imports: torch, `scaletrain.config`, `scaletrain.dist`. Not: loop, cli.
+Imports: torch, `scaletrain.config`, `scaletrain.dist`, `scaletrain.parallel`. Not: loop, cli.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from scaletrain.config import Precision
 from scaletrain.dist import DistContext
+from scaletrain.parallel import DTYPES
 
 log = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
