@@ -52,6 +52,13 @@ Float = Annotated[float, BeforeValidator(_not_bool)]
 MAX_SEED = 2**63 - 1
 
 
+def _callable_spec(v: str | None) -> str | None:
+    """A user hook is named "pkg.module:function"; it is imported at plan time, never evaluated."""
+    if v is not None and (v.count(":") != 1 or not all(v.split(":"))):
+        raise ValueError(f'expected "pkg.module:function", got {v!r}')
+    return v
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: `inf`/`nan` would pass `gt=0` and overflow later (timeouts, schedules).
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
@@ -72,15 +79,16 @@ class ModelConfig(_Section):
     dropout: Float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = Field(False, description="Biases in linear layers and norms.")
     factory: str | None = Field(None, description='A user model: "pkg.module:function" (see docs/models.md).')
+    loss_fn: str | None = Field(
+        None, description='"pkg.module:function" called as fn(outputs, batch) -> mean or (sum, count).'
+    )
     init_from: Path | None = Field(None, description="Start from a consolidated weights file.")
     compile: bool = Field(False, description="Wrap the model with torch.compile.")
 
-    @field_validator("factory")
+    @field_validator("factory", "loss_fn")
     @classmethod
     def _factory_form(cls, v: str | None) -> str | None:
-        if v is not None and (v.count(":") != 1 or not all(v.split(":"))):
-            raise ValueError(f'expected "pkg.module:function", got {v!r}')
-        return v
+        return _callable_spec(v)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -93,10 +101,30 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     path: Path = Field(Path("data/default"), description="Folder with train.bin, val.bin and meta.json.")
+    vocab_size: Int | None = Field(
+        None, ge=2, description="A nanoGPT folder (train.bin/val.bin, no meta.json): its vocabulary (uint16 ids)."
+    )
+    factory: str | None = Field(
+        None, description='"pkg.module:function" returning (train, val) map-style datasets (docs/data.md).'
+    )
+    collate: str | None = Field(
+        None, description='"pkg.module:function" turning a list of examples into a batch (default: stack/pad).'
+    )
+    pad_id: Int = Field(0, ge=0, description="Default collate: the id that pads variable-length input_ids.")
+    ignore_index: Int = Field(-100, description="Default collate: the label value that pads labels (not counted).")
+    num_workers: Int = Field(2, ge=0, description="DataLoader worker processes for data.factory datasets.")
+
+    @field_validator("factory", "collate")
+    @classmethod
+    def _callable_form(cls, v: str | None) -> str | None:
+        return _callable_spec(v)
 
 
 class TrainConfig(_Section):
     max_steps: Int = Field(200, ge=1, description="Optimizer steps in the whole run.")
+    epochs: Int | None = Field(
+        None, ge=1, description="data.factory datasets: passes over the training set instead of max_steps."
+    )
     micro_batch_size: Int = Field(8, ge=1, description="Sequences per rank per micro-step.")
     grad_accum: Int | None = Field(None, description="Micro-steps per optimizer step (default 1).")
     global_batch_size: Int | None = Field(
@@ -126,6 +154,8 @@ class TrainConfig(_Section):
     def _one_batch_spec(self) -> TrainConfig:
         if self.grad_accum is not None and self.global_batch_size is not None:
             raise ValueError("set train.grad_accum or train.global_batch_size, not both")
+        if self.epochs is not None and "max_steps" in self.model_fields_set:
+            raise ValueError("set train.max_steps or train.epochs, not both")
         return self
 
 
@@ -211,6 +241,17 @@ class CheckpointConfig(_Section):
     )
 
 
+class EvalConfig(_Section):
+    metrics_fn: str | None = Field(
+        None, description='"pkg.module:function" returning {name: (sum, count)} per validation batch.'
+    )
+
+    @field_validator("metrics_fn")
+    @classmethod
+    def _callable_form(cls, v: str | None) -> str | None:
+        return _callable_spec(v)
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     console: bool = Field(True, description="Rich progress and step lines on rank 0.")
@@ -227,6 +268,7 @@ class Config(_Section):
     precision: Precision = "fp32"
     backend: BackendConfig = BackendConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
