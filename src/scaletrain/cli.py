@@ -18,6 +18,13 @@ from scaletrain.errors import ExitCode, ScaletrainError
 
 log = logging.getLogger("scaletrain")
 
+# Subcommands that live beside the code they drive; each module defines `add_command(subparsers)`.
+COMMAND_MODULES = (
+    "scaletrain.checkpoint.consolidate",
+    "scaletrain.checkpoint.inspect",
+)
+
+
 def _setup_logging(level: str, rank: int) -> None:
     root = logging.getLogger("scaletrain")
     root.handlers.clear()
@@ -141,10 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="JSON instead of TOML")
     show.set_defaults(func=_cmd_config_show)
 
-    from scaletrain.checkpoint import consolidate, inspect
+    import importlib
 
-    consolidate.add_command(sub)
-    inspect.add_command(sub)
+    for name in COMMAND_MODULES:  # each module adds its own subcommand: add_command(subparsers)
+        importlib.import_module(name).add_command(sub)
     return parser
 
 

@@ -138,6 +138,7 @@ class TrainConfig(_Section):
     allow_tf32: bool = Field(
         True, description="On CUDA, fp32 matmuls and convolutions use TF32 tensor cores (nanoGPT's default)."
     )
+    eval_only: bool = Field(False, description="Evaluate the resumed or init_from weights, then exit.")
     stop_at: Int | None = Field(
         None, ge=1, description="End this invocation after this step, with a checkpoint; the schedule "
         "still follows max_steps (time-sliced jobs)."
@@ -181,10 +182,19 @@ class OptimConfig(_Section):
 
 
 class ScheduleConfig(_Section):
-    kind: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    kind: Literal["cosine", "linear", "constant", "wsd", "step", "onecycle", "plateau"] = "cosine"
     warmup_steps: Int = Field(20, ge=0)
     min_lr: Float = Field(1e-4, ge=0.0, description="Floor the decay ends at (absolute, not a ratio).")
     decay_fraction: Float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of steps spent decaying.")
+    gamma: Float = Field(0.1, gt=0.0, le=1.0, description="step: factor applied every step_size steps.")
+    step_size: Int = Field(100, ge=1, description="step: steps between decays.")
+    pct_start: Float = Field(0.3, gt=0.0, lt=1.0, description="onecycle: share of steps spent rising.")
+    div_factor: Float = Field(25.0, ge=1.0, description="onecycle: peak / starting lr.")
+    final_div_factor: Float = Field(1e4, ge=1.0, description="onecycle: starting lr / final lr.")
+    factor: Float = Field(0.1, gt=0.0, lt=1.0, description="plateau: factor applied when validation loss stalls.")
+    patience: Int = Field(2, ge=0, description="plateau: evaluations without improvement before a cut.")
+    threshold: Float = Field(1e-4, ge=0.0, description="plateau: relative improvement that counts.")
+    cooldown: Int = Field(0, ge=0, description="plateau: evaluations to wait after a cut.")
 
 
 class DDPConfig(_Section):
@@ -235,6 +245,9 @@ class CheckpointConfig(_Section):
     async_save: bool = Field(False, alias="async", description="Write in the background where the backend can.")
     on_error: Literal["fail", "warn"] = Field("fail", description="A failed save stops the run, or warns.")
     keep_best: bool = Field(True, description="Keep the tag with the lowest validation loss apart from rotation.")
+    policy: Literal["every", "best"] = Field(
+        "every", description='"best": periodic saves only when validation loss improves (stops and the end still save).'
+    )
 
     model_config = ConfigDict(
         frozen=True, extra="forbid", populate_by_name=True, validate_default=True, allow_inf_nan=False
@@ -256,6 +269,11 @@ class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     console: bool = Field(True, description="Rich progress and step lines on rank 0.")
     trackers: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = ()
+    plot: bool = Field(False, description="Write curves.png into the run folder at the end (needs matplotlib).")
+    peak_tflops: Float | None = Field(
+        None, gt=0.0, description="Device peak TFLOP/s for MFU (default: a table of common GPUs; none on CPU)."
+    )
+    grad_norm_every: Int = Field(0, ge=0, description="Log per-layer gradient norms every K steps (0: off).")
 
 
 class Config(_Section):
