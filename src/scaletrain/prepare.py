@@ -11,8 +11,9 @@ stream moves to `val.bin`, the same split as an in-memory prepare would make.
 Documents: a text file is one document; each row of a `.jsonl` / `.parquet` / `.csv` file is one
 (its `--text-field` column, read with HF `datasets` in streaming mode). Documents are joined with the
 tokenizer's end-of-text token when it has one, else with a newline (always a newline for bytes).
-A text file larger than PIECE_BYTES is encoded in pieces cut after a newline that is followed by a
-non-space character, which leaves the ids of a byte-level BPE's pre-tokenised words unchanged.
+A text file larger than PIECE_BYTES is encoded in pieces, cut after a newline with a non-space
+character on each side: a GPT-2 style pre-tokeniser splits there anyway, so the ids are the same as
+encoding the file in one go.
 
 Imports: numpy, rich; tokenizers and datasets only when asked for; `scaletrain.data`,
 `scaletrain.errors`, `scaletrain.fsutil`.
@@ -75,8 +76,8 @@ def _input_files(inputs: list[Path]) -> list[Path]:
 
 
 def _cut(buf: bytes) -> int:
-    """Where to end a piece of `buf`: after a newline followed by a non-space byte, else after any
-    newline, else at a UTF-8 character boundary. Always > 0."""
+    """Where to end a piece of `buf`: after a newline with a non-space byte on each side, else after
+    any newline, else at a UTF-8 character boundary. Always > 0."""
     end = len(buf) - 1
     any_newline = -1
     while end > 0:
@@ -85,7 +86,7 @@ def _cut(buf: bytes) -> int:
             break
         if any_newline < 0:
             any_newline = i + 1
-        if not buf[i + 1 : i + 2].isspace():
+        if i > 0 and not buf[i - 1 : i].isspace() and not buf[i + 1 : i + 2].isspace():
             return i + 1
         end = i
     if any_newline > 0:

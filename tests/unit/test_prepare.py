@@ -239,8 +239,22 @@ def test_vocab_size_must_match_meta_json(tmp_path: Path) -> None:
 
 
 def test_cut_keeps_pieces_on_word_and_character_boundaries() -> None:
-    assert prep._cut(b"abc\n  def\nghi\n") == 10  # after the newline that starts a word
+    assert prep._cut(b"abc\n  def\nghi\n") == 10  # after the newline between two words
+    assert prep._cut(b"abc \ndef\n") == 5  # no newline between words: fall back to the last one
     assert prep._cut(b"abc\n\n\n") == 6 - 1  # only whitespace follows: the last newline with a byte after it
     text = "é" * 10
     cut = prep._cut(text.encode())
     assert text.encode()[:cut].decode() and cut % 2 == 0
+
+
+def test_pieces_encode_like_the_whole_file(tmp_path: Path, monkeypatch) -> None:
+    """Cutting a file into pieces leaves a byte-level BPE's ids unchanged (whitespace runs included)."""
+    monkeypatch.setattr(prep, "PIECE_BYTES", 48)
+    monkeypatch.setattr(prep, "CHUNK_BYTES", 100)
+    text = "".join(f"line {i} \n\n  indented{i}\nx = {i} \t\n" for i in range(60))
+    (tmp_path / "in.txt").write_text(text)
+    # Documents that end in whitespace + newline teach merges across it, which a careless cut would use.
+    tok = prep.train_tokenizer([text] + ["end  \t\n", "x \n", "y\t \n"] * 100, 320)
+    tok.save(str(tmp_path / "tok.json"))
+    prep.prepare([tmp_path / "in.txt"], tmp_path / "d", tokenizer=tmp_path / "tok.json")
+    assert _ids(tmp_path / "d").tolist() == tok.encode(text, add_special_tokens=False).ids
