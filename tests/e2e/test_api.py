@@ -43,7 +43,7 @@ def test_fit_returns_the_checkpoints_the_pointers_name(tiny_data, tmp_path):
 
 
 def test_fit_takes_a_mapping_and_rejects_bad_input(tiny_data, tmp_path):
-    with pytest.raises(ConfigError, match="optim.lr"):
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
         scaletrain.fit({"optim": {"lr": -1.0}})
     with pytest.raises(ConfigError, match="key=value"):
         scaletrain.fit([1, 2])
