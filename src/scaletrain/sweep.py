@@ -40,7 +40,7 @@ from typing import Any
 
 from scaletrain.callbacks import Callback, RunInfo
 from scaletrain.config import Config, config_to_toml, load_config, read_config_file, valid_keys
-from scaletrain.errors import ConfigError
+from scaletrain.errors import ConfigError, ExitCode
 
 ENV_TRIAL = "SCALETRAIN_SWEEP_TRIAL"  # the trial's id in the storage
 ENV_STORAGE = "SCALETRAIN_SWEEP_STORAGE"
@@ -280,8 +280,9 @@ def _trial_cmd(args: argparse.Namespace, params: dict[str, Any], run_dir: Path) 
                   *param_overrides(params), f"run.out_dir={run_dir}"]
     if args.nproc == 1:
         return [sys.executable, "-m", "scaletrain", "train", *train_args]
+    # Each worker starts as `python -m scaletrain.sweep`, which ties it to torchrun before anything else.
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-            "-m", "scaletrain", "train", *train_args]
+            "-m", "scaletrain.sweep", "train", *train_args]
 
 
 def _run_trial(args: argparse.Namespace, study: Any, trial: Any, params: dict[str, Any], url: str,
@@ -414,3 +415,21 @@ def add_command(subparsers: Any) -> None:
         return run_sweep(args)
 
     p.set_defaults(func=run)
+
+
+def _worker_main() -> None:
+    """A trial's worker under torchrun: bound to die with its launcher from its first instant, then the
+    `scaletrain` command. The loop's own parent watch starts only after torch is imported, seconds
+    later; a sweep killed in between would otherwise leave the workers behind, waiting on a dead store."""
+    set_death_signal = _die_with_parent_fn()
+    if set_death_signal is not None:
+        set_death_signal()
+    if os.getppid() == 1:  # the launcher died before the death signal was armed
+        os._exit(ExitCode.LAUNCHER_GONE)
+    import runpy
+
+    runpy.run_module("scaletrain", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    _worker_main()

@@ -47,7 +47,7 @@ def _descendants(pid: int) -> list[int]:
 def test_sweep_prunes_survives_a_kill_and_continues(tiny_data, tmp_path):
     base = tmp_path / "base.toml"
     base.write_text(config_to_toml(load_config(None, tiny_overrides(tiny_data, tmp_path / "unused", **{
-        "train.max_steps": 8, "train.eval_every": 2, "schedule.kind": "constant", "schedule.warmup_steps": 0,
+        "train.max_steps": 6, "train.eval_every": 2, "schedule.kind": "constant", "schedule.warmup_steps": 0,
         "schedule.min_lr": 1e-6}))))
     space = tmp_path / "space.toml"
     space.write_text(SPACE)
@@ -98,7 +98,7 @@ def test_sweep_prunes_survives_a_kill_and_continues(tiny_data, tmp_path):
     assert pruned, f"no trial pruned: {states}\n{res.stdout}"
     for t in pruned:  # a pruned trial stopped at an evaluation and kept its checkpoint
         run_dir = Path(t.user_attrs["run_dir"])
-        assert (run_dir / "ckpt" / "latest").is_file() and t.user_attrs["pruned_at_step"] < 8
+        assert (run_dir / "ckpt" / "latest").is_file() and t.user_attrs["pruned_at_step"] < 6
     assert "trial" in res.stdout and "PRUNED" in res.stdout and "trial-0" in res.stdout
 
     # 3. best.toml is the base config plus the best parameters, and loads.
