@@ -1,6 +1,19 @@
-"""scaletrain: one training loop for PyTorch models over DDP, FSDP2 and DeepSpeed ZeRO."""
+"""scaletrain: one training loop for PyTorch models over DDP, FSDP2 and DeepSpeed ZeRO.
+
+`scaletrain.fit(...)` trains from Python (see `scaletrain.api`); it is imported on first use, so
+`import scaletrain` stays light (no torch).
+"""
+
+from typing import Any
 
 from scaletrain.errors import CheckpointError, ConfigError, DataError, ScaletrainError
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "ConfigError", "DataError", "ScaletrainError", "__version__"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "ScaletrainError", "__version__", "fit"]
+
+
+def fit(config: Any, callbacks: Any = ()) -> Any:
+    """Train one run in this process; see `scaletrain.api.fit`."""
+    from scaletrain.api import fit as _fit
+
+    return _fit(config, callbacks)

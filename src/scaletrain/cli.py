@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "scaletrain.checkpoint.consolidate",
     "scaletrain.checkpoint.inspect",
     "scaletrain.prepare",
+    "scaletrain.sweep",
 )
 
 

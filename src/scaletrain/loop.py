@@ -8,7 +8,8 @@ Rank-0-only work is limited to the metrics sink and the checkpoint manifest; eva
 rank (a rank-0-only forward hangs FSDP and ZeRO-3).
 Imports: `scaletrain.config`, `scaletrain.data`, `scaletrain.sources`, `scaletrain.objective`, `scaletrain.hooks`,
 `scaletrain.dist`, `scaletrain.engines`, `scaletrain.checkpoint`, `scaletrain.callbacks`, `scaletrain.train_state`,
-`scaletrain.metrics`, `scaletrain.model`, `scaletrain.optim`, `scaletrain.runlock`, `scaletrain.errors`.
+`scaletrain.metrics`, `scaletrain.model`, `scaletrain.optim`, `scaletrain.runlock`, `scaletrain.errors`,
+`scaletrain.sweep` (only in a sweep trial).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class RunResult:
     stop_saved: bool = True  # the checkpoint of a preemption or requested stop was committed
     final_val_loss: float | None = None
     best_val_loss: float | None = None
+    latest_checkpoint: Path | None = None  # the tag `ckpt/latest` names after the run
+    best_checkpoint: Path | None = None  # the tag `ckpt/best` names (lowest validation loss), if any
 
 
 def resolve_batch(train: TrainConfig, dp_size: int) -> data_mod.BatchPlan:
@@ -79,7 +82,7 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     if cfg.train.epochs is not None:
         raise ConfigError("train.epochs: token folders are sampled without epochs; set train.max_steps "
                           "(or use data.factory datasets)")
-    meta = data_mod.read_meta(cfg.data.path)
+    meta = data_mod.read_meta(cfg.data.path, cfg.data.vocab_size)
     for split, n in (("train", meta.train_tokens), ("val", meta.val_tokens)):
         if n <= cfg.model.block_size:
             raise ConfigError(
@@ -126,6 +129,8 @@ def _plan_datasets(cfg: Config, world_size: int) -> RunPlan:
 def _check_common(cfg: Config, world_size: int) -> None:
     if cfg.model.init_from is not None and not Path(cfg.model.init_from).is_file():
         raise ConfigError(f"model.init_from: {cfg.model.init_from} is not a file; give a consolidated weights file")
+    if cfg.train.eval_only and not cfg.train.eval_steps:
+        raise ConfigError("train.eval_only needs train.eval_steps > 0")
     registry.validate(cfg, world_size)
 
 
@@ -325,7 +330,8 @@ class _Run:
 
     def lr(self, step: int) -> float:
         cfg = self.cfg
-        return lr_at(step, peak=cfg.optim.lr, cfg=cfg.schedule, max_steps=cfg.train.max_steps)
+        return lr_at(step, peak=cfg.optim.lr, cfg=cfg.schedule, max_steps=cfg.train.max_steps,
+                     plateau_scale=self.state.plateau_scale)
 
     def save(self, val_loss: float | None) -> bool:
         """Collective. Gather every rank's RNG into the client state and save one tag."""
@@ -357,6 +363,7 @@ def train(plan: RunPlan, ctx: dist.DistContext, callbacks: Sequence[Callback] = 
           stop: StopRequest | None = None) -> RunResult:
     """Collective. The whole run on an initialised process group."""
     stop = stop or StopRequest()
+    callbacks = [*callbacks, *_env_callbacks()]
     stop.install()  # before the engine is built: a signal during start-up is a clean stop too
     lock = _lock_run_dir(plan.cfg.run.out_dir, ctx)
     try:
@@ -364,6 +371,17 @@ def train(plan: RunPlan, ctx: dist.DistContext, callbacks: Sequence[Callback] = 
     finally:
         if lock is not None:
             lock.release()
+
+
+def _env_callbacks() -> list[Callback]:
+    """Callbacks a parent process asks for through the environment: a sweep names its trial there."""
+    import os
+
+    if not os.environ.get("SCALETRAIN_SWEEP_TRIAL"):
+        return []
+    from scaletrain.sweep import trial_callback_from_env
+
+    return [trial_callback_from_env()]
 
 
 def _lock_run_dir(run_dir: Path, ctx: dist.DistContext) -> RunLock | None:
@@ -409,6 +427,7 @@ def _train_locked(plan: RunPlan, ctx: dist.DistContext, callbacks: Sequence[Call
         run.source.close()
         run.engine.close()
     result.best_val_loss = run.state.best_val_loss
+    result.latest_checkpoint, result.best_checkpoint = run.ckpt.pointers()
     run.callbacks.train_end(run.info, run.state, result)
     return result
 
@@ -420,6 +439,9 @@ def _steps(run: _Run, stop: StopRequest, result: RunResult) -> None:
     if dist.all_reduce_sum([float(stop.requested)], ctx.device)[0] > 0:
         log.warning("stop requested by a signal before the first step; exiting with nothing new to save")
         result.preempted = True
+        return
+    if cfg.train.eval_only:
+        _eval_only(run, result)
         return
     speed = Throughput()
     dp = run.plan.batch.world_size
@@ -436,12 +458,14 @@ def _steps(run: _Run, stop: StopRequest, result: RunResult) -> None:
         if done % cfg.train.log_every == 0 or is_last or stats.skipped:
             record.update(speed.report())
             record["eta_s"] = (cfg.train.max_steps - done) * record["step_ms"] / 1000
-        val_loss = None
+        val_loss, improved = None, False
         if cfg.train.eval_steps and (is_last or (cfg.train.eval_every and done % cfg.train.eval_every == 0)):
             val_loss, val_metrics = evaluate(run.engine, run.source, run.objective, cfg.train.eval_steps, ctx, dp)
             record["val_loss"] = result.final_val_loss = val_loss
             record.update({f"val_{name}": value for name, value in val_metrics.items()})
-            state.record_eval(val_loss)
+            improved = state.record_eval(val_loss)
+            if cfg.schedule.kind == "plateau":
+                state.record_plateau(val_loss, cfg.schedule, cfg.optim.lr)
         run.callbacks.step_end(run.info, state, record)
         result.last_step = done
         if state.skipped_in_row > cfg.train.max_skipped_steps:
@@ -455,7 +479,10 @@ def _steps(run: _Run, stop: StopRequest, result: RunResult) -> None:
             asks = dist.all_reduce_sum([float(run.callbacks.stop_vote)], ctx.device)[0]
         result.preempted, result.stopped = signals > 0, asks > 0 and not signals > 0
         requested = result.preempted or result.stopped
-        if is_last or requested or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+        periodic = bool(cfg.checkpoint.every and done % cfg.checkpoint.every == 0)
+        if cfg.checkpoint.policy == "best":  # periodic saves at evaluations that beat the best loss
+            periodic = val_loss is not None and improved
+        if is_last or requested or periodic:
             saved = run.save(val_loss)
             result.stop_saved = saved or not requested
         if requested:
@@ -463,3 +490,18 @@ def _steps(run: _Run, stop: StopRequest, result: RunResult) -> None:
                         "saved" if result.stop_saved else "could NOT save", done)
         if done == cfg.train.stop_at or requested:
             break
+
+
+def _eval_only(run: _Run, result: RunResult) -> None:
+    """Collective. train.eval_only: one evaluation of the loaded weights, logged; nothing trained or saved."""
+    cfg, state = run.cfg, run.state
+    if state.step == 0 and cfg.model.init_from is None:
+        raise ConfigError(f"train.eval_only: no checkpoint in {cfg.run.out_dir}/ckpt and no model.init_from; "
+                          "point run.out_dir at a trained run or set model.init_from")
+    val_loss, metrics = evaluate(run.engine, run.source, run.objective, cfg.train.eval_steps, run.ctx,
+                                 run.plan.batch.world_size)
+    result.final_val_loss, result.last_step = val_loss, state.step
+    record = {"step": state.step, "val_loss": val_loss, **{f"val_{k}": v for k, v in metrics.items()}, "eval_only": True}
+    run.callbacks.step_end(run.info, state, record)
+    run.callbacks.eval(run.info, state, val_loss)
+    log.info("eval_only: validation loss %.4f at step %d", val_loss, state.step)

@@ -2,7 +2,10 @@
 
 Engines hold no clock: the loop passes the learning rate of each step, so the step count lives here
 alone. The state travels as the checkpoint's client state (flat keys, plus every rank's RNG state),
-so exact resume needs nothing else. Imports: torch (RNG state only), nothing of ours.
+so exact resume needs nothing else. The `plateau` schedule's state (ReduceLROnPlateau on the
+validation loss) is four of those counters, updated by `record_plateau` at each evaluation with the
+all-reduced loss, so every rank holds the same scale and a resumed run continues it exactly.
+Imports: torch (RNG state only), `scaletrain.config`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Any
 
 import torch
 
+from scaletrain.config import ScheduleConfig
+
 
 @dataclass
 class TrainState:
@@ -21,6 +26,11 @@ class TrainState:
     skipped_in_row: int = 0  # non-finite steps in a row (train.max_skipped_steps stops the run)
     skipped_total: int = 0
     best_val_loss: float | None = None
+    # schedule.kind=plateau: lr = peak * plateau_scale (see `record_plateau`)
+    plateau_scale: float = 1.0
+    plateau_best: float | None = None
+    plateau_bad: int = 0  # evaluations since the last improvement
+    plateau_cooldown: int = 0  # evaluations left before counting again
 
     def client_state(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         """What a checkpoint stores: these counters and the RNG state of every rank."""
@@ -44,6 +54,25 @@ class TrainState:
         if better:
             self.best_val_loss = val_loss
         return better
+
+    def record_plateau(self, val_loss: float, cfg: ScheduleConfig, peak: float) -> bool:
+        """torch's ReduceLROnPlateau (mode min, threshold_mode rel) on the validation loss; returns True
+        when it cut the learning rate. The cut never takes the lr below schedule.min_lr."""
+        if self.plateau_best is None or val_loss < self.plateau_best * (1.0 - cfg.threshold):
+            self.plateau_best, self.plateau_bad = val_loss, 0
+        else:  # a NaN loss is never an improvement
+            self.plateau_bad += 1
+        if self.plateau_cooldown > 0:
+            self.plateau_cooldown -= 1
+            self.plateau_bad = 0
+        if self.plateau_bad <= cfg.patience:
+            return False
+        self.plateau_bad, self.plateau_cooldown = 0, cfg.cooldown
+        new = max(self.plateau_scale * cfg.factor, cfg.min_lr / peak)
+        if self.plateau_scale - new <= 1e-12:
+            return False
+        self.plateau_scale = new
+        return True
 
 
 def rng_state() -> dict[str, Any]:

@@ -195,6 +195,19 @@ class CheckpointManager:
             return False
         raise CheckpointError(message + "; fix the cause or set checkpoint.on_error=warn")
 
+    def pointers(self) -> tuple[Path | None, Path | None]:
+        """Local. The tags `latest` and `best` name, as paths (None where a pointer is missing or
+        names a tag that is not there)."""
+        out = []
+        for name in (layout.LATEST_FILE, layout.BEST_FILE):
+            tag = layout.read_pointer(self.dir, name)
+            try:
+                path = layout.safe_child(self.dir, tag) if tag else None
+            except CheckpointError:
+                path = None
+            out.append(path if path is not None and path.is_dir() else None)
+        return out[0], out[1]
+
     # ------------------------------------------------------------------ resume
 
     def _candidates(self) -> tuple[list[Path], str | None]:

@@ -1,0 +1,435 @@
+"""`scaletrain sweep`: hyperparameter search with Optuna, one full training run per trial.
+
+The sweep process owns the study (SQLite at `<out>/study.db`, or `--storage URL`) and asks it for
+trials one after another. Each trial is a complete `scaletrain train` run in `<out>/trial-<number>`,
+started with `--nproc` processes in a session of its own. The trial's rank 0 reports the validation
+loss of every evaluation to its Optuna trial (the storage URL and trial id travel in `SCALETRAIN_SWEEP_*`
+environment variables; the loop adds `TrialCallback` when they are set) and turns the pruner's verdict
+into a stop vote, which the loop agrees on over all ranks; the stop saves a checkpoint, and the sweep
+marks the trial PRUNED. A non-finite loss, or a run that fails, marks it FAIL with the reason in the
+trial's `fail_reason` user attribute.
+
+`--trials` is the study's total of finished trials (complete, pruned, or failed by the run itself),
+so the same command run again continues the study. The sweep keeps a heartbeat for its running trial;
+if the sweep is killed its trial processes die with it (each trial's first process gets SIGKILL when
+the sweep dies, and torchrun's workers exit when their launcher is gone), and on the next start the
+trial whose heartbeat stopped is marked FAIL and another takes its place.
+
+space.toml holds one table per dotted config key:
+    ["optim.lr"]            type = "float", low = 1e-4, high = 1e-1, log = true
+    ["train.micro_batch_size"] type = "int", low = 2, high = 8  (optional step, log)
+    ["schedule.kind"]       type = "categorical", choices = ["cosine", "wsd"]
+Imports: optuna (lazily), `scaletrain.callbacks`, `scaletrain.config`, `scaletrain.errors`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scaletrain.callbacks import Callback, RunInfo
+from scaletrain.config import Config, config_to_toml, load_config, read_config_file, valid_keys
+from scaletrain.errors import ConfigError, ExitCode
+
+ENV_TRIAL = "SCALETRAIN_SWEEP_TRIAL"  # the trial's id in the storage
+ENV_STORAGE = "SCALETRAIN_SWEEP_STORAGE"
+ENV_STUDY = "SCALETRAIN_SWEEP_STUDY"
+ENV_PRUNER = "SCALETRAIN_SWEEP_PRUNER"  # "median:<startup trials>:<warmup steps>" or "none"
+
+PARAM_TYPES = ("float", "int", "categorical")
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError as e:
+        raise ConfigError("sweep: optuna is not installed; pip install 'scaletrain[sweep]'") from e
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Heartbeats are driven by hand here (the sweep waits on a subprocess, not on Study.optimize).
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    return optuna
+
+
+# ---------------------------------------------------------------------------------------------
+# The search space
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str
+    type: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] = ()
+
+    def bounds(self) -> list[Any]:
+        """The values that must each make a valid config."""
+        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
+
+
+def load_space(path: Path) -> dict[str, Param]:
+    """Read and check space.toml; every error is one line naming the file and the key."""
+    data = read_config_file(Path(path))
+    if not data:
+        raise ConfigError(f"{path}: the search space is empty; add a table such as [\"optim.lr\"]")
+    leaves = set(valid_keys())
+    sections = {k.rsplit(".", 1)[0] for k in leaves if "." in k}
+    space = {}
+    for key, spec in data.items():
+        where = f"{path}: [\"{key}\"]"
+        if key not in leaves or key in sections:
+            raise ConfigError(f"{where}: not a config key; use a dotted key such as \"optim.lr\" "
+                              "(see `scaletrain config show`)")
+        if not isinstance(spec, dict):
+            raise ConfigError(f'{where}: expected a table, e.g. ["{key}"] with type = "float", low = ..., high = ...')
+        kind = spec.get("type")
+        allowed = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
+                   "categorical": {"type", "choices"}}
+        if kind not in PARAM_TYPES:
+            raise ConfigError(f"{where}: type must be one of {list(PARAM_TYPES)} (got {kind!r})")
+        extra = sorted(set(spec) - allowed[kind])
+        if extra:
+            raise ConfigError(f"{where}: unknown field {extra[0]!r} for type {kind!r}; allowed: {sorted(allowed[kind])}")
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise ConfigError(f"{where}: choices must be a non-empty list")
+            if not all(isinstance(c, (str, int, float, bool)) for c in choices):
+                raise ConfigError(f"{where}: choices must be strings, numbers or booleans")
+            space[key] = Param(key, kind, choices=tuple(choices))
+            continue
+        number = int if kind == "int" else (int, float)
+        low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
+        for name, v in (("low", low), ("high", high)):
+            if isinstance(v, bool) or not isinstance(v, number):
+                raise ConfigError(f"{where}: {name} must be {'an integer' if kind == 'int' else 'a number'} (got {v!r})")
+        if not low < high:
+            raise ConfigError(f"{where}: low ({low}) must be below high ({high})")
+        if not isinstance(log, bool):
+            raise ConfigError(f"{where}: log must be true or false")
+        if log and low <= 0:
+            raise ConfigError(f"{where}: log = true needs low > 0 (got {low})")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, number) or step <= 0 or log):
+            raise ConfigError(f"{where}: step must be a positive number, and cannot go with log = true")
+        space[key] = Param(key, kind, low, high, log, step)
+    return space
+
+
+def param_overrides(params: dict[str, Any]) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in params.items()]
+
+
+def check_space(space: dict[str, Param], config: Path | None, overrides: list[str]) -> Config:
+    """The base config, checked with every bound and choice of the space applied one at a time."""
+    base = load_config(config, overrides)
+    for p in space.values():
+        for v in p.bounds():
+            try:
+                load_config(config, [*overrides, *param_overrides({p.key: v})])
+            except ConfigError as e:
+                raise ConfigError(f"space: [\"{p.key}\"] value {v!r} makes an invalid config: {e}") from None
+    if not base.train.eval_steps:
+        raise ConfigError("sweep: trials are scored on validation loss; set train.eval_steps > 0")
+    return base
+
+
+def suggest(trial: Any, space: dict[str, Param]) -> dict[str, Any]:
+    out = {}
+    for p in space.values():
+        if p.type == "categorical":
+            out[p.key] = trial.suggest_categorical(p.key, list(p.choices))
+        elif p.type == "int":
+            out[p.key] = trial.suggest_int(p.key, p.low, p.high, step=p.step or 1, log=p.log)
+        else:
+            out[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
+    return out
+
+
+def make_pruner(spec: str) -> Any:
+    optuna = _optuna()
+    if spec == "none":
+        return optuna.pruners.NopPruner()
+    _, startup, warmup = spec.split(":")
+    return optuna.pruners.MedianPruner(n_startup_trials=int(startup), n_warmup_steps=int(warmup))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside a trial (rank 0 talks to the study; every rank votes)
+
+
+class TrialCallback(Callback):
+    """Reports each validation loss to the trial and votes to stop when the pruner says so, or when
+    the loss is not finite. Only rank 0 touches the storage; the loop agrees on the vote."""
+
+    def __init__(self, storage_url: str, study_name: str, trial_id: int, pruner: str) -> None:
+        self.storage_url, self.study_name, self.trial_id, self.pruner = storage_url, study_name, trial_id, pruner
+        self._trial: Any = None
+
+    def _get(self) -> Any:
+        if self._trial is None:
+            optuna = _optuna()
+            study = optuna.load_study(study_name=self.study_name, storage=self.storage_url,
+                                      pruner=make_pruner(self.pruner))
+            self._trial = optuna.trial.Trial(study, self.trial_id)
+        return self._trial
+
+    def on_eval(self, run: RunInfo, state: Any, val_loss: float) -> bool | None:
+        if not run.is_main:
+            return None
+        trial = self._get()
+        if not math.isfinite(val_loss):
+            trial.set_user_attr("fail_reason", f"non-finite validation loss ({val_loss}) at step {state.step}")
+            return True
+        trial.report(val_loss, state.step)
+        if trial.should_prune():
+            trial.set_user_attr("pruned_at_step", state.step)
+            return True
+        return None
+
+
+def trial_callback_from_env() -> TrialCallback:
+    try:
+        return TrialCallback(os.environ[ENV_STORAGE], os.environ[ENV_STUDY], int(os.environ[ENV_TRIAL]),
+                             os.environ.get(ENV_PRUNER, "none"))
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"{ENV_TRIAL} is set but the sweep's other variables are missing or bad ({e}); "
+                          "start trials through `scaletrain sweep`") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep process
+
+
+def _die_with_parent_fn() -> Any:
+    """A preexec_fn that has the kernel SIGKILL the child when the sweep dies (Linux's PR_SET_PDEATHSIG);
+    elsewhere None (children then rely on the sweep's own cleanup)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    sigkill = int(signal.SIGKILL)
+
+    def set_death_signal() -> None:  # runs in the child between fork and exec
+        prctl(1, sigkill, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+
+    return set_death_signal
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the trial's session (torchrun forwards it to its workers), then SIGKILL what is left."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _finished(study: Any) -> list[Any]:
+    """Trials that count towards --trials: complete, pruned, or failed by their own run (a trial the
+    sweep lost, by a kill or an interruption, does not count)."""
+    states = study._storage.get_all_trials(study._study_id, deepcopy=False)
+    ts = _optuna().trial.TrialState
+    return [t for t in states if t.state in (ts.COMPLETE, ts.PRUNED)
+            or (t.state == ts.FAIL and t.user_attrs.get("fail_reason") and not t.user_attrs.get("interrupted"))]
+
+
+def _last_val_loss(run_dir: Path) -> float | None:
+    value = None
+    with contextlib.suppress(OSError):
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rec = json.loads(line)
+                if isinstance(rec, dict) and "val_loss" in rec:
+                    value = rec["val_loss"]
+    return None if value is None else float(value)
+
+
+def _error_line(log_path: Path) -> str:
+    with contextlib.suppress(OSError):
+        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("error:")]
+        return (errors or lines or [""])[-1][:300]
+    return ""
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _trial_cmd(args: argparse.Namespace, params: dict[str, Any], run_dir: Path) -> list[str]:
+    train_args = [*(["--config", str(args.config)] if args.config else []), *args.overrides,
+                  *param_overrides(params), f"run.out_dir={run_dir}"]
+    if args.nproc == 1:
+        return [sys.executable, "-m", "scaletrain", "train", *train_args]
+    # Each worker starts as `python -m scaletrain.sweep`, which ties it to torchrun before anything else.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+            "-m", "scaletrain.sweep", "train", *train_args]
+
+
+def _run_trial(args: argparse.Namespace, study: Any, trial: Any, params: dict[str, Any], url: str,
+               out: Path) -> None:
+    optuna = _optuna()
+    ts = optuna.trial.TrialState
+    run_dir = out / f"trial-{trial.number}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trial.set_user_attr("run_dir", str(run_dir))
+    env = {**os.environ, ENV_TRIAL: str(trial._trial_id), ENV_STORAGE: url, ENV_STUDY: study.study_name,
+           ENV_PRUNER: "none" if args.pruner == "none" else
+           f"median:{args.pruner_startup_trials}:{args.pruner_warmup_steps}"}
+    log_path = run_dir / "sweep-trial.log"
+    print(f"trial {trial.number}: {params} -> {run_dir}", flush=True)
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(_trial_cmd(args, params, run_dir), stdout=log_file, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True, preexec_fn=_die_with_parent_fn())
+    try:
+        while True:
+            study._storage.record_heartbeat(trial._trial_id)
+            try:
+                rc = proc.wait(timeout=args.heartbeat_interval)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    except BaseException:
+        _kill_group(proc)
+        trial.set_user_attr("fail_reason", "the sweep was interrupted")
+        trial.set_user_attr("interrupted", True)
+        study.tell(trial, state=ts.FAIL)
+        raise
+    attrs = study._storage.get_trial(trial._trial_id).user_attrs
+    value = _last_val_loss(run_dir)
+    if rc == 0 and "pruned_at_step" in attrs:
+        study.tell(trial, state=ts.PRUNED)
+    elif "fail_reason" in attrs:
+        study.tell(trial, state=ts.FAIL)
+    elif rc != 0:
+        trial.set_user_attr("fail_reason", f"exit code {rc}: {_error_line(log_path)} (see {log_path})")
+        study.tell(trial, state=ts.FAIL)
+    elif value is None or not math.isfinite(value):
+        trial.set_user_attr("fail_reason", f"no finite validation loss in {run_dir / 'metrics.jsonl'}")
+        study.tell(trial, state=ts.FAIL)
+    else:
+        study.tell(trial, value)
+
+
+def _table(study: Any) -> str:
+    rows = [("trial", "state", "value", "params", "run folder")]
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        value = "" if t.value is None else f"{t.value:.4f}"
+        if t.state.name == "PRUNED" and t.intermediate_values:
+            value = f"{t.intermediate_values[max(t.intermediate_values)]:.4f} @{max(t.intermediate_values)}"
+        params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+        state = t.state.name + (f" ({t.user_attrs['fail_reason']})" if "fail_reason" in t.user_attrs else "")
+        rows.append((str(t.number), state, value, params, t.user_attrs.get("run_dir", "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r[:4], widths)), r[4]]).rstrip() for r in rows)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    optuna = _optuna()
+    space = load_space(args.space)
+    check_space(space, args.config, args.overrides)
+    name = args.study or (Path(args.config).stem if args.config else "sweep")
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    url = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    try:
+        storage = optuna.storages.RDBStorage(url, heartbeat_interval=args.heartbeat_interval,
+                                             grace_period=args.grace_period)
+    except Exception as e:  # a bad URL, a missing driver
+        raise ConfigError(f"--storage {url}: {type(e).__name__}: {e}") from None
+    pruner = make_pruner("none" if args.pruner == "none"
+                         else f"median:{args.pruner_startup_trials}:{args.pruner_warmup_steps}")
+    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="minimize",
+                                pruner=pruner)
+    optuna.storages.fail_stale_trials(study)  # trials of a sweep that was killed
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise _Interrupted(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        while len(_finished(study)) < args.trials:
+            # Seeded by the study's size, so a continued sweep draws as an uninterrupted one would.
+            study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))
+            trial = study.ask()
+            _run_trial(args, study, trial, suggest(trial, space), url, out)
+    except _Interrupted as e:
+        print(f"sweep interrupted by {e}; run the same command again to continue", file=sys.stderr)
+        return 130
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    print(_table(study))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        print("no trial completed; no best.toml written", file=sys.stderr)
+        return 1
+    best = study.best_trial
+    cfg = load_config(args.config, [*args.overrides, *param_overrides(best.params)])
+    (out / "best.toml").write_text(config_to_toml(cfg))
+    print(f"best: trial {best.number} value {best.value:.4f} {best.params}; config in {out / 'best.toml'}")
+    return 0
+
+
+def add_command(subparsers: Any) -> None:
+    p = subparsers.add_parser("sweep", help="hyperparameter search with Optuna (pip install 'scaletrain[sweep]')")
+    p.add_argument("--config", type=Path, help="base TOML/JSON/YAML config")
+    p.add_argument("--space", type=Path, required=True, help="search space TOML: one table per dotted key")
+    p.add_argument("--trials", type=int, required=True, help="finished trials the study should hold in all")
+    p.add_argument("--study", help="study name (default: the config file's name)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite in the output folder)")
+    p.add_argument("--out", type=Path, help="output folder (default: runs/sweep-<study>)")
+    p.add_argument("--nproc", type=int, default=1, help="processes per trial (torchrun when > 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--pruner", choices=("median", "none"), default="median")
+    p.add_argument("--pruner-startup-trials", type=int, default=1, help="trials completed before pruning starts")
+    p.add_argument("--pruner-warmup-steps", type=int, default=0, help="steps of a trial before it can be pruned")
+    p.add_argument("--heartbeat-interval", type=int, default=5, help="seconds between a trial's heartbeats")
+    p.add_argument("--grace-period", type=int, default=20,
+                   help="seconds without a heartbeat after which a running trial counts as lost")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every trial")
+
+    def run(args: argparse.Namespace) -> int:
+        for name in ("trials", "nproc", "heartbeat_interval", "grace_period"):
+            if getattr(args, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        return run_sweep(args)
+
+    p.set_defaults(func=run)
+
+
+def _worker_main() -> None:
+    """A trial's worker under torchrun: bound to die with its launcher from its first instant, then the
+    `scaletrain` command. The loop's own parent watch starts only after torch is imported, seconds
+    later; a sweep killed in between would otherwise leave the workers behind, waiting on a dead store."""
+    set_death_signal = _die_with_parent_fn()
+    if set_death_signal is not None:
+        set_death_signal()
+    if os.getppid() == 1:  # the launcher died before the death signal was armed
+        os._exit(ExitCode.LAUNCHER_GONE)
+    import runpy
+
+    runpy.run_module("scaletrain", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    _worker_main()
