@@ -5,10 +5,13 @@ NPROC ?= 2
 DATA ?= data/default
 ARGS ?=
 
-.PHONY: setup train test test-all lint bench clean
+.PHONY: setup setup-dev train test test-all lint bench clean
 
 setup:
 	@bash launch/setup_env.sh
+
+setup-dev:
+	@EXTRAS=dev bash launch/setup_env.sh
 
 $(DATA)/meta.json: | setup
 	$(VENV)/bin/scaletrain prepare --out $(DATA)
@@ -18,16 +21,16 @@ train: setup $(DATA)/meta.json
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) launch/train.py \
 		data.path=$(DATA) run.out_dir=runs/quickstart $(ARGS)
 
-test: setup
+test: setup-dev
 	$(PY) -m pytest -q
 
-test-all: setup
+test-all: setup-dev
 	$(PY) -m pytest -q -m "" --timeout=1800
 
-lint: setup
+lint: setup-dev
 	$(VENV)/bin/ruff check src tests bench launch
 
-bench: setup
+bench: setup-dev
 	$(PY) -m pytest -q -m bench -s
 
 clean:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (once) with scaletrain and its dependencies, then exits.
+# Creates .venv (once) with scaletrain and its dependencies, then exits. EXTRAS names optional extras
+# to add (`make test` asks for "dev", which pulls every optional feature the tests exercise).
 #
 # torch: if the interpreter already has torch (a CUDA build, say) it is kept. Otherwise, on a machine
 # without an NVIDIA driver we install a pinned CPU-friendly release; with `nvidia-smi` present we let
@@ -10,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
-STAMP="$VENV/.scaletrain-installed"
+EXTRAS=${EXTRAS:-}
+STAMP="$VENV/.scaletrain-installed${EXTRAS:+-${EXTRAS//,/-}}"
 
 if [[ -f "$STAMP" && "$STAMP" -nt pyproject.toml ]]; then
   exit 0
@@ -31,6 +33,6 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
 fi
 "${pip[@]}" wheel setuptools ninja packaging psutil py-cpuinfo hjson msgpack pydantic numpy
 "$VENV/bin/python" -c 'import deepspeed' 2>/dev/null || "${pip[@]}" --no-build-isolation "deepspeed>=0.16"
-"${pip[@]}" -e ".[dev]"
+"${pip[@]}" -e ".${EXTRAS:+[$EXTRAS]}"
 touch "$STAMP"
 echo "setup: ready ($VENV)"

@@ -32,8 +32,14 @@ from scaletrain.checkpoint.weights import canonical_name
 from scaletrain.config import DeepSpeedConfig, OptimConfig
 from scaletrain.ds_config import HARNESS_SECTIONS, offload_on
 from scaletrain.engines.base import Engine, EngineSpec, StepStats
-from scaletrain.errors import TrainingError
-from scaletrain.materialize import WeightsSource, build_initialized, parameter_value, tie_groups
+from scaletrain.errors import ConfigError, TrainingError
+from scaletrain.materialize import (
+    WeightsSource,
+    build_initialized,
+    build_on_meta,
+    parameter_value,
+    tie_groups,
+)
 from scaletrain.optim import param_groups
 
 log = logging.getLogger(__name__)
@@ -197,6 +203,11 @@ def build_zero3(factory: Callable[[], nn.Module], config: dict[str, Any], *, see
     (peak: the largest tensor, once)."""
     # zero.Init reads the world from deepspeed.comm: wrap the harness's process group first (no new one).
     deepspeed.init_distributed(dist_init_required=False, auto_mpi_discovery=False, verbose=False)
+    # Factories import lazily (transformers resolves its model classes on first use), and an import under
+    # zero.Init's patched tensor constructors can fail: one build on the meta device first (no memory,
+    # no RNG) runs those imports outside it.
+    with contextlib.suppress(ConfigError):
+        build_on_meta(factory)
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = factory()
     reader = WeightsSource(source) if source is not None else None
