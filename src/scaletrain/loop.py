@@ -8,7 +8,8 @@ Rank-0-only work is limited to the metrics sink and the checkpoint manifest; eva
 rank (a rank-0-only forward hangs FSDP and ZeRO-3).
 Imports: `scaletrain.config`, `scaletrain.data`, `scaletrain.dist`, `scaletrain.engines`,
 `scaletrain.checkpoint`, `scaletrain.callbacks`, `scaletrain.train_state`, `scaletrain.metrics`,
-`scaletrain.model`, `scaletrain.optim`, `scaletrain.runlock`, `scaletrain.errors`.
+`scaletrain.model`, `scaletrain.optim`, `scaletrain.runlock`, `scaletrain.errors`,
+`scaletrain.materialize` (the `model.init_from` check).
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     vocab = cfg.model.vocab_size or meta.vocab_size
     if vocab < meta.vocab_size:
         raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the data's vocab_size ({meta.vocab_size})")
-    if cfg.model.init_from is not None and not Path(cfg.model.init_from).is_file():
-        raise ConfigError(f"model.init_from: {cfg.model.init_from} is not a file; give a consolidated weights file")
+    if cfg.model.init_from is not None:  # a weights file, or a folder holding model.safetensors (HF)
+        from scaletrain.materialize import check_weights_source
+
+        check_weights_source(cfg.model.init_from)
     registry.validate(cfg, world_size)
     batch = resolve_batch(cfg.train, world_size // cfg.backend.tp_size)
     _check_run_dir(cfg)
