@@ -303,3 +303,24 @@ def test_init_from_a_folder_without_weights_is_refused(tiny_data: Path, tmp_path
     r = train(tiny_overrides(tiny_data, tmp_path / "run", **{"model.init_from": empty}), nproc=1, check=False)
     line = one_line_error(r)
     assert "model.init_from" in line and "model.safetensors" in line
+
+
+@pytest.mark.parametrize("case", ["index-escapes", "not-safetensors"])
+def test_hostile_weights_folder_is_refused_in_one_line(tmp_path: Path, case: str):
+    """A folder from elsewhere: an index naming a shard outside the folder, or a model.safetensors
+    that is no such file. Refused by the reader every rank opens, in one line, nothing read."""
+    from scaletrain.errors import CheckpointError
+    from scaletrain.materialize import WeightsSource, check_weights_source
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    if case == "index-escapes":
+        (tmp_path / "outside.safetensors").write_bytes(b"\0" * 16)
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"w": "../outside.safetensors"}}))
+    else:
+        (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    check_weights_source(folder)  # the folder has the expected file names: the reader judges the contents
+    with pytest.raises(CheckpointError) as e:
+        WeightsSource(folder)
+    assert "\n" not in str(e.value) and "model.init_from" in str(e.value)
