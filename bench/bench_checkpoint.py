@@ -77,8 +77,10 @@ def _engine(args: argparse.Namespace, ctx: Any, fmt: str = "sharded") -> Any:
 def _train_step(engine: Any) -> None:
     import torch
 
+    from scaletrain.objective import TokenBatch, lm_loss_sum
+
     x = torch.randint(0, 256, (2, 64))
-    loss = engine.forward((x, x))
+    loss = lm_loss_sum(engine.forward(TokenBatch(x, x)), x) / x.numel()
     engine.backward(loss)
     engine.step(1e-4)
 

@@ -81,6 +81,13 @@ def _build(kind: str, args: argparse.Namespace, ctx: Any) -> Any:
     return TorchNativeEngine(spec, fsdp=FSDPConfig(sharding="full_shard"))
 
 
+def _loss(engine: Any, batch: tuple) -> Any:
+    from scaletrain.objective import TokenBatch, lm_loss_sum
+
+    x, y = batch
+    return lm_loss_sum(engine.forward(TokenBatch(x, y)), y) / y.numel()
+
+
 def _train_steps(engine: Any, batch: tuple, n: int) -> float:
     """Collective. Seconds per optimizer step over n steps."""
     from scaletrain import dist
@@ -89,7 +96,7 @@ def _train_steps(engine: Any, batch: tuple, n: int) -> float:
     start = time.perf_counter()
     for _ in range(n):
         with engine.accumulate(is_boundary=True):
-            engine.backward(engine.forward(batch))
+            engine.backward(_loss(engine, batch))
         engine.step(1e-4)
     dist.barrier()
     return (time.perf_counter() - start) / n
@@ -111,7 +118,7 @@ def _measure(rank: int, world: int, port: int, args: argparse.Namespace) -> dict
         for kind, engine in engines.items():
             _train_steps(engine, batch, 1)  # warm-up: optimizer state exists from here on
             with engine.accumulate(is_boundary=True):
-                engine.backward(engine.forward(batch))
+                engine.backward(_loss(engine, batch))
             out[kind] = model_state_bytes(engine)
             engine.step(1e-4)
         times: dict[str, list[float]] = {"ddp": [], "fsdp": []}

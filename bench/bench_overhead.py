@@ -102,8 +102,7 @@ def _measure(args: argparse.Namespace, ctx) -> dict[str, Any]:
 
     from scaletrain import dist
     from scaletrain.callbacks import CallbackList, RunInfo, SinkCallback
-    from scaletrain.data import Batches
-    from scaletrain.loop import _record, make_engine, plan_run, train_step
+    from scaletrain.loop import _record, make_engine, make_objective, make_source, plan_run, train_step
     from scaletrain.metrics import Throughput, make_sink
     from scaletrain.optim import lr_at
     from scaletrain.train_state import TrainState
@@ -115,8 +114,8 @@ def _measure(args: argparse.Namespace, ctx) -> dict[str, Any]:
     # Harness side: the loop's engine, data, schedule and per-step body (loop._steps without the
     # eval/checkpoint branches, which do not fire on these steps).
     engine = make_engine(plan, ctx)
-    batches = Batches(cfg.data.path, plan.data_meta, block_size=cfg.model.block_size, plan=plan.batch,
-                      rank=ctx.rank, seed=cfg.run.seed)
+    objective = make_objective(plan, engine.module)
+    source = make_source(plan, ctx)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -127,11 +126,13 @@ def _measure(args: argparse.Namespace, ctx) -> dict[str, Any]:
 
     def harness_steps(n: int) -> None:
         for _ in range(n):
-            micro = batches.train_micro_batches(state.step)
+            micro = source.train_micro_batches(state.step)
             lr = lr_at(state.step, peak=cfg.optim.lr, cfg=cfg.schedule, max_steps=cfg.train.max_steps)
-            loss, stats, _ = train_step(engine, micro, ctx, lr, (False, False))
-            state.record_step(skipped=stats.skipped, tokens=plan.tokens_per_step)
-            speed.add(plan.tokens_per_step)
+            loss, stats, counted, _ = train_step(engine, micro, ctx, lr, objective,
+                                                 reference_count=source.reference_count,
+                                                 dp_size=plan.batch.world_size, votes=(False, False))
+            state.record_step(skipped=stats.skipped, tokens=round(counted))
+            speed.add(round(counted))
             record = _record(state, loss, stats)
             if state.step % cfg.train.log_every == 0:
                 record.update(speed.report())

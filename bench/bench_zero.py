@@ -89,7 +89,10 @@ def _batch(args: argparse.Namespace, rank: int, step: int) -> tuple[Any, Any]:
 def _one_step(engine: Any, args: argparse.Namespace, rank: int, step: int, *, update: bool = True,
               boundary: bool = True) -> None:
     with engine.accumulate(is_boundary=boundary):
-        engine.backward(engine.forward(_batch(args, rank, step)))
+        from scaletrain.objective import TokenBatch, lm_loss_sum
+
+        x, y = _batch(args, rank, step)
+        engine.backward(lm_loss_sum(engine.forward(TokenBatch(x, y)), y) / y.numel())
     if update:
         engine.step(1e-4)
 

@@ -22,6 +22,7 @@ log = logging.getLogger("scaletrain")
 COMMAND_MODULES = (
     "scaletrain.checkpoint.consolidate",
     "scaletrain.checkpoint.inspect",
+    "scaletrain.prepare",
 )
 
 
@@ -93,17 +94,6 @@ def _exit_now(code: int, threads: list[str]) -> None:
     os._exit(int(code))
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    from scaletrain.data import prepare
-
-    meta = prepare([Path(p) for p in args.inputs], Path(args.out), max_bytes=args.max_bytes, force=args.force)
-    print(
-        f"prepared {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
-        f"(vocab {meta['vocab_size']}, {meta['dtype']}) from {meta['source_files']} files"
-    )
-    return 0
-
-
 def _cmd_config_show(args: argparse.Namespace) -> int:
     from scaletrain.config import config_to_toml, load_config
 
@@ -133,13 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("prepare", help="tokenise text into train.bin/val.bin/meta.json")
-    p.add_argument("inputs", nargs="*", help="text files or folders (default: the built-in corpus)")
-    p.add_argument("--out", required=True, help="output data folder")
-    p.add_argument("--max-bytes", type=int, default=None, help="stop after this many bytes of text")
-    p.add_argument("--force", action="store_true", help="replace an existing, non-empty output folder")
-    p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("config", help="config tools")
     csub = p.add_subparsers(dest="config_command", required=True)

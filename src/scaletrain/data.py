@@ -1,92 +1,42 @@
-"""Token data: `prepare` from text, memmap loading, and stateless distributed batch sampling.
+"""Token data: the data folder's meta, memmap loading, and stateless distributed batch sampling.
 
 A data folder holds `train.bin` and `val.bin` (flat token ids, numpy uint16 or uint32) and
-`meta.json` (vocab_size, dtype, tokenizer, token counts): no pickle anywhere.
+`meta.json` (vocab_size, dtype, tokenizer, token counts), plus `tokenizer.json` when the ids come
+from a tokenizer; `scaletrain.prepare` writes them. A nanoGPT folder (the bins, no meta.json) is read
+as uint16 ids given `data.vocab_size`; its meta.pkl is never opened. No pickle anywhere.
 
 Sampling is a pure function: the start offset of sequence `i` of optimizer step `s` comes from a
 generator seeded with (seed, s), so resume needs only the step, and a run on 1 rank and one on N
 ranks see the same global batches. A rank takes the contiguous slice of the global batch that its
 rank index names, then cuts it into micro-batches. Knows nothing of engines.
-Imports: numpy, torch, `scaletrain.errors`, `scaletrain.fsutil`.
+Imports: numpy, torch, `scaletrain.errors`; `scaletrain.prepare` lazily, for the `prepare` alias.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from scaletrain.errors import DataError
-from scaletrain.fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 
 BYTE_TOKENIZER = "bytes"  # token id = byte value; vocab 256
-DEFAULT_CORPUS_BYTES = 8 * 2**20
-VAL_FRACTION = 0.05
+TOKENIZER_FILE = "tokenizer.json"  # a HuggingFace `tokenizers` tokenizer, stored in the data folder
+NANOGPT_DTYPE = "uint16"  # what a folder without meta.json is read as (nanoGPT's own choice)
 
 
-def _text_files(inputs: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for p in inputs:
-        if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"prepare: input {p} does not exist")
-    if not files:
-        raise DataError(f"prepare: no files found in {[str(p) for p in inputs]}")
-    return files
+def prepare(inputs: list[Path], out_dir: Path, **kwargs: Any) -> dict:
+    """`scaletrain.prepare.prepare`, kept here for callers that import it from this module."""
+    from scaletrain.prepare import prepare as _prepare
 
-
-def default_corpus_files() -> list[Path]:
-    """The Python standard library's own sources: present on every machine, no download needed."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in stdlib.glob("*.py") if p.is_file())
-
-
-def prepare(inputs: list[Path], out_dir: Path, *, max_bytes: int | None = None, force: bool = False) -> dict:
-    """Tokenise text files (byte-level) into `out_dir/{train,val}.bin` and `meta.json`.
-
-    Files are read in sorted order; the last VAL_FRACTION of the stream is the validation split.
-    A non-empty `out_dir` is refused unless `force`; the folder is written beside it and renamed into
-    place, so an interrupted prepare leaves the old folder or the new one, never a mix.
-    """
-    files = _text_files(inputs) if inputs else default_corpus_files()
-    cap = max_bytes if max_bytes is not None else (None if inputs else DEFAULT_CORPUS_BYTES)
-    chunks, total = [], 0
-    for f in files:
-        data = f.read_bytes()
-        if cap is not None and total + len(data) > cap:
-            data = data[: cap - total]
-        chunks.append(data)
-        total += len(data)
-        if cap is not None and total >= cap:
-            break
-    stream = np.frombuffer(b"\n".join(chunks), dtype=np.uint8).astype(np.uint16)
-    n_val = max(int(len(stream) * VAL_FRACTION), 1)
-    if len(stream) - n_val < 2:
-        raise DataError(f"prepare: only {len(stream)} tokens of text; give more input")
-    meta = {
-        "vocab_size": 256,
-        "dtype": "uint16",
-        "tokenizer": BYTE_TOKENIZER,
-        "train_tokens": int(len(stream) - n_val),
-        "val_tokens": int(n_val),
-        "max_token_id": int(stream.max()),
-        "source_files": len(chunks),
-    }
-    with replace_dir(Path(out_dir), force=force, what="prepare --out", error=DataError) as tmp:
-        stream[:-n_val].tofile(tmp / "train.bin")
-        stream[-n_val:].tofile(tmp / "val.bin")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
+    return _prepare(inputs, out_dir, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -95,27 +45,62 @@ class DataMeta:
     dtype: str
     train_tokens: int
     val_tokens: int
+    tokenizer: Path | None = None  # the folder's tokenizer.json, when prepare stored one
 
 
-def read_meta(path: Path) -> DataMeta:
-    """Check a data folder and read its meta.json; every problem is a one-line DataError."""
+def _nanogpt_meta(path: Path, vocab_size: int | None) -> dict:
+    """The meta of a folder with train.bin/val.bin and no meta.json (nanoGPT's layout). Its meta.pkl,
+    if any, is never opened: unpickling runs code, and the vocabulary size is all we need."""
+    pkl = " (its meta.pkl is ignored: never unpickled)" if (path / "meta.pkl").exists() else ""
+    if vocab_size is None:
+        raise DataError(
+            f"data.path: {path} has no meta.json (a nanoGPT folder?){pkl}; set data.vocab_size=N "
+            f"({NANOGPT_DTYPE} ids assumed)"
+        )
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 0 < vocab_size <= 2**16:
+        raise DataError(
+            f"data.vocab_size: {vocab_size!r} does not fit the {NANOGPT_DTYPE} ids of {path} (no meta.json); "
+            "set data.vocab_size to a value in 1..65536"
+        )
+    return {"vocab_size": vocab_size, "dtype": NANOGPT_DTYPE}
+
+
+def read_meta(path: Path, vocab_size: int | None = None) -> DataMeta:
+    """Check a data folder and read its meta.json; every problem is a one-line DataError.
+
+    A folder with train.bin and val.bin but no meta.json (nanoGPT's layout) is read as uint16 ids when
+    `vocab_size` (config `data.vocab_size`) is given; a `meta.pkl` there is never read. When meta.json
+    exists, a given `vocab_size` must equal the one it records."""
+    path = Path(path)
     hint = f"run `scaletrain prepare --out {path}` or set data.path"
     if not path.is_dir():
         raise DataError(f"data.path: folder {path} does not exist; {hint}")
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise DataError(f"data.path: {meta_file} is missing; {hint}")
+        if (path / "train.bin").is_file() and (path / "val.bin").is_file():
+            meta = _nanogpt_meta(path, vocab_size)
+        else:
+            raise DataError(f"data.path: {meta_file} is missing; {hint}")
+    else:
+        try:
+            meta = json.loads(meta_file.read_text())
+            if not isinstance(meta, dict):
+                raise TypeError("not a JSON object")
+        except (json.JSONDecodeError, TypeError, ValueError, UnicodeDecodeError, OSError) as e:
+            raise DataError(f"data.path: {meta_file} is malformed ({e}); {hint}") from None
     try:
-        meta = json.loads(meta_file.read_text())
-        if not isinstance(meta, dict):
-            raise TypeError("not a JSON object")
         vocab, dtype = meta["vocab_size"], str(meta["dtype"])
         if isinstance(vocab, bool) or not isinstance(vocab, int):
             raise TypeError(f"vocab_size {vocab!r} is not an integer")
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError, OSError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"data.path: {meta_file} is malformed ({e}); {hint}") from None
     if vocab < 1:
         raise DataError(f"data.path: {meta_file} has vocab_size {vocab}; expected a positive integer; {hint}")
+    if vocab_size is not None and vocab_size != vocab:
+        raise DataError(
+            f"data.vocab_size: {vocab_size} differs from vocab_size {vocab} in {meta_file}; "
+            "unset data.vocab_size or re-run `scaletrain prepare` with the intended tokenizer"
+        )
     if dtype not in ("uint16", "uint32"):
         raise DataError(f"data.path: {meta_file} has dtype {dtype!r}; expected uint16 or uint32")
     max_id = meta.get("max_token_id")
@@ -140,7 +125,10 @@ def read_meta(path: Path) -> DataMeta:
                 f"data.path: {meta_file} says {split}_tokens={recorded!r} but {f} holds {counts[split]} "
                 f"tokens (the bins were replaced or truncated); {hint} --force"
             )
-    return DataMeta(vocab, dtype, counts["train"], counts["val"])
+    tok = path / TOKENIZER_FILE if meta.get("tokenizer") == TOKENIZER_FILE else None
+    return DataMeta(vocab, dtype, counts["train"], counts["val"], tok if tok and tok.is_file() else None)
+
+
 
 
 class TokenSplit:

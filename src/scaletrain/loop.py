@@ -6,9 +6,9 @@ rank. `train` then builds the engine and runs. The loop never asks which backend
 is behind the engine's verbs and the registry's entries, and what users add comes in as callbacks.
 Rank-0-only work is limited to the metrics sink and the checkpoint manifest; evaluation runs on every
 rank (a rank-0-only forward hangs FSDP and ZeRO-3).
-Imports: `scaletrain.config`, `scaletrain.data`, `scaletrain.dist`, `scaletrain.engines`,
-`scaletrain.checkpoint`, `scaletrain.callbacks`, `scaletrain.train_state`, `scaletrain.metrics`,
-`scaletrain.model`, `scaletrain.optim`, `scaletrain.runlock`, `scaletrain.errors`,
+Imports: `scaletrain.config`, `scaletrain.data`, `scaletrain.sources`, `scaletrain.objective`, `scaletrain.hooks`,
+`scaletrain.dist`, `scaletrain.engines`, `scaletrain.checkpoint`, `scaletrain.callbacks`, `scaletrain.train_state`,
+`scaletrain.metrics`, `scaletrain.model`, `scaletrain.optim`, `scaletrain.runlock`, `scaletrain.errors`,
 `scaletrain.materialize` (the `model.init_from` check).
 """
 
@@ -32,10 +32,13 @@ from scaletrain.checkpoint.manager import CheckpointManager
 from scaletrain.config import Config, TrainConfig, resolve_grad_accum
 from scaletrain.engines import Engine, EngineSpec, registry
 from scaletrain.errors import ConfigError, TrainingError
+from scaletrain.hooks import import_callable
 from scaletrain.metrics import Throughput, make_sink, truncate_metrics
 from scaletrain.model import build_model, count_params
+from scaletrain.objective import HookError, Objective, is_causal_lm, to_device
 from scaletrain.optim import build_adamw, lr_at
 from scaletrain.runlock import RunInUseError, RunLock, check_free
+from scaletrain.sources import TokenSource
 from scaletrain.train_state import TrainState, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -43,14 +46,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RunPlan:
-    cfg: Config
-    data_meta: data_mod.DataMeta
+    cfg: Config  # with train.max_steps resolved from train.epochs where that was given
+    data_meta: data_mod.DataMeta | None  # token folders; None for data.factory datasets
     batch: data_mod.BatchPlan  # world_size here is the data-parallel size (world / tp_size)
-    vocab_size: int
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch.global_batch_size * self.cfg.model.block_size
+    vocab_size: int | None
+    datasets: tuple[Any, Any] | None = None  # (train, val) from data.factory
 
 
 @dataclass
@@ -70,6 +70,16 @@ def resolve_batch(train: TrainConfig, dp_size: int) -> data_mod.BatchPlan:
 
 def plan_run(cfg: Config, world_size: int) -> RunPlan:
     """Everything checked before any process group exists. Raises ScaletrainError subclasses."""
+    for key in ("loss_fn",):
+        if getattr(cfg.model, key):
+            import_callable(getattr(cfg.model, key), f"model.{key}")
+    if cfg.eval.metrics_fn:
+        import_callable(cfg.eval.metrics_fn, "eval.metrics_fn")
+    if cfg.data.factory:
+        return _plan_datasets(cfg, world_size)
+    if cfg.train.epochs is not None:
+        raise ConfigError("train.epochs: token folders are sampled without epochs; set train.max_steps "
+                          "(or use data.factory datasets)")
     meta = data_mod.read_meta(cfg.data.path)
     for split, n in (("train", meta.train_tokens), ("val", meta.val_tokens)):
         if n <= cfg.model.block_size:
@@ -80,14 +90,46 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     vocab = cfg.model.vocab_size or meta.vocab_size
     if vocab < meta.vocab_size:
         raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the data's vocab_size ({meta.vocab_size})")
+    _check_common(cfg, world_size)
+    batch = resolve_batch(cfg.train, world_size // cfg.backend.tp_size)
+    _check_run_dir(cfg)
+    return RunPlan(cfg, meta, batch, vocab)
+
+
+def _plan_datasets(cfg: Config, world_size: int) -> RunPlan:
+    """data.factory: the datasets are built here (every rank, before any process group) and checked."""
+    from scaletrain.sources import load_datasets
+
+    if cfg.data.collate:
+        import_callable(cfg.data.collate, "data.collate")
+    train_ds, val_ds = load_datasets(cfg.data.factory)
+    _check_common(cfg, world_size)
+    batch = resolve_batch(cfg.train, world_size // cfg.backend.tp_size)
+    per_epoch = len(train_ds) // batch.global_batch_size
+    if per_epoch < 1:
+        raise ConfigError(f"data.factory: {len(train_ds)} training examples are fewer than one global batch "
+                          f"({batch.global_batch_size}); lower train.micro_batch_size or train.global_batch_size")
+    if len(val_ds) < batch.world_size:
+        raise ConfigError(f"data.factory: {len(val_ds)} validation examples for {batch.world_size} data-parallel "
+                          "ranks; every rank needs at least one")
+    if cfg.train.epochs is not None:
+        steps = cfg.train.epochs * per_epoch
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": steps})})
+        if cfg.schedule.warmup_steps > steps:
+            raise ConfigError(f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) exceeds the {steps} steps of "
+                              f"train.epochs={cfg.train.epochs}")
+    log.info("data.factory: %d training examples, %d steps per epoch of global batch %d (last partial batch "
+             "dropped); %d steps", len(train_ds), per_epoch, batch.global_batch_size, cfg.train.max_steps)
+    _check_run_dir(cfg)
+    return RunPlan(cfg, None, batch, cfg.model.vocab_size, datasets=(train_ds, val_ds))
+
+
+def _check_common(cfg: Config, world_size: int) -> None:
     if cfg.model.init_from is not None:  # a weights file, or a folder holding model.safetensors (HF)
         from scaletrain.materialize import check_weights_source
 
         check_weights_source(cfg.model.init_from)
     registry.validate(cfg, world_size)
-    batch = resolve_batch(cfg.train, world_size // cfg.backend.tp_size)
-    _check_run_dir(cfg)
-    return RunPlan(cfg, meta, batch, vocab)
 
 
 def _check_run_dir(cfg: Config) -> None:
@@ -158,36 +200,101 @@ def make_engine(plan: RunPlan, ctx: dist.DistContext) -> Engine:
     return engine
 
 
-def evaluate(engine: Engine, batches: data_mod.Batches, num_batches: int, ctx: dist.DistContext) -> float:
-    """Collective. Validation loss averaged over all ranks' tokens."""
+def make_objective(plan: RunPlan, module: torch.nn.Module) -> Objective:
+    cfg = plan.cfg
+    return Objective(
+        loss_fn=import_callable(cfg.model.loss_fn, "model.loss_fn") if cfg.model.loss_fn else None,
+        metrics_fn=import_callable(cfg.eval.metrics_fn, "eval.metrics_fn") if cfg.eval.metrics_fn else None,
+        ignore_index=cfg.data.ignore_index, causal_lm=is_causal_lm(module),
+    )
+
+
+def make_source(plan: RunPlan, ctx: dist.DistContext) -> Any:
+    cfg = plan.cfg
+    # Ranks of one tensor-parallel group (neighbours on the mesh's innermost dim) read the same data.
+    rank = ctx.rank // cfg.backend.tp_size
+    if plan.datasets is not None:
+        from scaletrain.sources import DatasetSource
+
+        train_ds, val_ds = plan.datasets
+        return DatasetSource(train_ds, val_ds, plan=plan.batch, rank=rank, seed=cfg.run.seed,
+                             max_steps=cfg.train.max_steps, collate=cfg.data.collate, pad_id=cfg.data.pad_id,
+                             ignore_index=cfg.data.ignore_index, num_workers=cfg.data.num_workers,
+                             pin_memory=ctx.device_type == "cuda")
+    batches = data_mod.Batches(cfg.data.path, plan.data_meta, block_size=cfg.model.block_size,
+                               plan=plan.batch, rank=rank, seed=cfg.run.seed)
+    return TokenSource(batches, cfg.model.block_size)
+
+
+def evaluate(engine: Engine, source: Any, objective: Objective, num_batches: int,
+             ctx: dist.DistContext, dp_size: int) -> tuple[float, dict[str, float]]:
+    """Collective. Validation loss and metrics, each a sum over every counted item of every rank
+    divided by the count: (loss, {metric: value})."""
     engine.train(False)
-    loss_sum, tokens = 0.0, 0
-    for i in range(num_batches):
-        x, y = batches.val_batch(i)
-        loss_sum += float(engine.eval_loss((x, y))) * y.numel()
-        tokens += y.numel()
+    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    names: list[str] | None = None
+    extra: torch.Tensor | None = None
+    with torch.no_grad():
+        for batch, counted in source.eval_batches(num_batches):
+            batch = to_device(batch, ctx.device)
+            outputs = engine.forward(batch)
+            if not counted:
+                continue
+            loss_sum, count = objective.loss(outputs, batch)
+            totals += torch.stack([loss_sum.detach().double(), torch.as_tensor(count, dtype=torch.float64,
+                                                                              device=ctx.device)])
+            metrics = objective.metrics(outputs, batch)
+            if names is None:
+                names = sorted(metrics)
+                extra = torch.zeros(2 * len(names), dtype=torch.float64, device=ctx.device)
+            elif sorted(metrics) != names:
+                raise HookError(f"eval.metrics_fn returned {sorted(metrics)} after {names}; return the same names "
+                                "for every batch")
+            for i, name in enumerate(names):
+                for j, v in enumerate(metrics[name]):
+                    extra[2 * i + j] += torch.as_tensor(v, dtype=torch.float64, device=ctx.device).detach()
     engine.train(True)
-    total, count = dist.all_reduce_sum([loss_sum, tokens], ctx.device)
-    return total / max(count, 1)
+    # Ranks of one tensor-parallel group count the same items: divide their copies out.
+    replicas = ctx.world_size // dp_size
+    values = dist.all_reduce_sum([*totals.tolist(), *(extra.tolist() if extra is not None else [])], ctx.device)
+    values = [v / replicas for v in values]
+    out = {name: values[2 + 2 * i] / values[3 + 2 * i] if values[3 + 2 * i] else math.nan
+           for i, name in enumerate(names or [])}
+    return (values[0] / values[1] if values[1] else math.nan), out
 
 
-def train_step(engine: Engine, micro: list, ctx: dist.DistContext, lr: float,
-               votes: Sequence[bool] = ()) -> tuple[float, Any, list[float]]:
+def train_step(engine: Engine, micro: list, ctx: dist.DistContext, lr: float, objective: Objective,
+               *, reference_count: float, dp_size: int,
+               votes: Sequence[bool] = ()) -> tuple[float, Any, float, list[float]]:
     """Collective. One optimizer step over this rank's micro-batches at learning rate `lr`.
 
-    Returns (global mean loss, StepStats, each vote summed over ranks). One collective besides the
-    engine's own: the loss and the stop votes (signal, callback) travel together.
+    Each micro-batch's loss sum is back-propagated divided by a constant (`reference_count`, the
+    count a micro-batch usually has), and the engine multiplies the gradients by the correction
+    dp x accum x reference / N before clipping, where N is the count of the whole global batch: the
+    gradient is then that of the global batch's loss sum / N, whatever each micro-batch counted.
+    With token data every micro-batch counts reference_count tokens and the correction is exactly 1.
+
+    Returns (global loss, StepStats, global count, each vote summed over ranks). One collective
+    besides the engine's own: the loss, the count and the stop votes (signal, callback) travel together.
     """
-    loss_sum = torch.zeros((), device=ctx.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    count = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for m, mb in enumerate(micro):
+        mb = to_device(mb, ctx.device)
         with engine.accumulate(is_boundary=m == len(micro) - 1):
-            loss = engine.forward(mb)
-            engine.backward(loss)
-        loss_sum += loss.detach().float()
-    total, *summed = dist.all_reduce_sum([float(loss_sum) / len(micro), *map(float, votes)], ctx.device)
-    loss_value = total / ctx.world_size
-    stats = engine.step(lr, force_skip=not math.isfinite(loss_value))
-    return loss_value, stats, summed
+            outputs = engine.forward(mb)
+            total, n = objective.loss(outputs, mb)
+            engine.backward(total / reference_count)
+        loss_sum += total.detach().double()
+        count += n
+    # Ranks of one tensor-parallel group hold the same micro-batches: their copies are divided out.
+    replicas = ctx.world_size // dp_size
+    total, n_total, *summed = dist.all_reduce_sum([float(loss_sum), float(count), *map(float, votes)], ctx.device)
+    total, n_total = total / replicas, n_total / replicas
+    loss_value = total / n_total if n_total else math.nan
+    grad_scale = dp_size * len(micro) * reference_count / n_total if n_total else 1.0
+    stats = engine.step(lr, force_skip=not math.isfinite(loss_value), grad_scale=grad_scale)
+    return loss_value, stats, n_total, summed
 
 
 class _Run:
@@ -198,15 +305,13 @@ class _Run:
         self.plan, self.cfg, self.ctx = plan, cfg, ctx
         self.info = RunInfo(cfg.run.out_dir, ctx.rank, ctx.world_size, cfg.train.max_steps, cfg.to_json_dict())
         self.engine = make_engine(plan, ctx)
+        self.objective = make_objective(plan, self.engine.module)
         self.ckpt = CheckpointManager(cfg.run.out_dir / "ckpt", cfg.checkpoint, ctx)
         self.state = self._resume()
         # After resume: truncating metrics.jsonl replaces the file, so the sink opens the new one.
         self.callbacks = CallbackList([SinkCallback(make_sink(ctx.is_main, cfg.run.out_dir, cfg.logging,
                                                               self.info.config)), *callbacks])
-        tp = cfg.backend.tp_size
-        # Ranks of one tensor-parallel group (neighbours on the mesh's innermost dim) read the same data.
-        self.batches = data_mod.Batches(cfg.data.path, plan.data_meta, block_size=cfg.model.block_size,
-                                        plan=plan.batch, rank=ctx.rank // tp, seed=cfg.run.seed)
+        self.source = make_source(plan, ctx)
 
     def _resume(self) -> TrainState:
         """Collective. Load the newest intact checkpoint, restore counters and RNG."""
@@ -288,10 +393,12 @@ def _train_locked(plan: RunPlan, ctx: dist.DistContext, callbacks: Sequence[Call
     run = _Run(plan, ctx, callbacks)
     result = RunResult(last_step=run.state.step, best_val_loss=run.state.best_val_loss)
     try:
+        per_step = (f"{plan.batch.global_batch_size * cfg.model.block_size} tokens/step" if plan.datasets is None
+                    else f"{run.source.steps_per_epoch} steps/epoch")
         log.info(
-            "%s | %s params | global batch %d = micro %d x accum %d x data-parallel %d | %d tokens/step | steps %d..%d",
+            "%s | %s params | global batch %d = micro %d x accum %d x data-parallel %d | %s | steps %d..%d",
             run.engine.name, f"{count_params(run.engine.module):,}", plan.batch.global_batch_size,
-            plan.batch.micro_batch_size, plan.batch.grad_accum, plan.batch.world_size, plan.tokens_per_step,
+            plan.batch.micro_batch_size, plan.batch.grad_accum, plan.batch.world_size, per_step,
             run.state.step + 1, cfg.train.max_steps,
         )
         run.callbacks.train_start(run.info, run.state)
@@ -302,6 +409,7 @@ def _train_locked(plan: RunPlan, ctx: dist.DistContext, callbacks: Sequence[Call
         raise
     finally:
         stop.restore()
+        run.source.close()
         run.engine.close()
     result.best_val_loss = run.state.best_val_loss
     run.callbacks.train_end(run.info, run.state, result)
@@ -317,12 +425,14 @@ def _steps(run: _Run, stop: StopRequest, result: RunResult) -> None:
         result.preempted = True
         return
     speed = Throughput()
+    dp = run.plan.batch.world_size
     while state.step < cfg.train.max_steps:
-        micro = run.batches.train_micro_batches(state.step)
-        loss, stats, (signals, asks) = train_step(run.engine, micro, ctx, run.lr(state.step),
-                                                  (stop.requested, run.callbacks.stop_vote))
-        state.record_step(skipped=stats.skipped, tokens=run.plan.tokens_per_step)
-        speed.add(run.plan.tokens_per_step)
+        micro = run.source.train_micro_batches(state.step)
+        loss, stats, counted, (signals, asks) = train_step(
+            run.engine, micro, ctx, run.lr(state.step), run.objective,
+            reference_count=run.source.reference_count, dp_size=dp, votes=(stop.requested, run.callbacks.stop_vote))
+        state.record_step(skipped=stats.skipped, tokens=round(counted))
+        speed.add(round(counted))
         done = state.step
         record = _record(state, loss, stats)
         is_last = done == cfg.train.max_steps or done == cfg.train.stop_at
@@ -331,8 +441,9 @@ def _steps(run: _Run, stop: StopRequest, result: RunResult) -> None:
             record["eta_s"] = (cfg.train.max_steps - done) * record["step_ms"] / 1000
         val_loss = None
         if cfg.train.eval_steps and (is_last or (cfg.train.eval_every and done % cfg.train.eval_every == 0)):
-            val_loss = evaluate(run.engine, run.batches, cfg.train.eval_steps, ctx)
+            val_loss, val_metrics = evaluate(run.engine, run.source, run.objective, cfg.train.eval_steps, ctx, dp)
             record["val_loss"] = result.final_val_loss = val_loss
+            record.update({f"val_{name}": value for name, value in val_metrics.items()})
             state.record_eval(val_loss)
         run.callbacks.step_end(run.info, state, record)
         result.last_step = done

@@ -6,12 +6,11 @@ The model contract every engine relies on (docs/models.md):
   * parameters are created on the CPU (or the meta device) in fp32; engines move and cast them;
   * the attribute `block_classes` (optional) names the module classes that FSDP shards one by one
     and activation checkpointing wraps; `backend.fsdp.wrap_classes` overrides it.
-Knows nothing of engines. Imports: torch, `scaletrain.config`, `scaletrain.errors`.
+Knows nothing of engines. Imports: torch, `scaletrain.config`, `scaletrain.errors`, `scaletrain.hooks`.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 import math
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from scaletrain.config import ModelConfig
 from scaletrain.errors import ConfigError
+from scaletrain.hooks import import_callable
 
 log = logging.getLogger(__name__)
 
@@ -146,23 +146,11 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
-def _import_factory(spec: str):
-    module_name, func_name = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"model.factory: cannot import module {module_name!r} ({e}); check PYTHONPATH") from e
-    fn = getattr(module, func_name, None)
-    if not callable(fn):
-        raise ConfigError(f"model.factory: {module_name!r} has no callable {func_name!r}")
-    return fn
-
-
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     """The built-in GPT, or `factory(cfg, vocab_size)` (a factory may take just `cfg`)."""
     if cfg.factory is None:
         return GPT(cfg, vocab_size)
-    fn = _import_factory(cfg.factory)
+    fn = import_callable(cfg.factory, "model.factory")
     n_args = len(inspect.signature(fn).parameters)
     model = fn(cfg, vocab_size) if n_args >= 2 else fn(cfg)
     if not isinstance(model, nn.Module):
@@ -173,7 +161,13 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
 def block_classes(model: nn.Module, names: tuple[str, ...] = ()) -> tuple[type[nn.Module], ...]:
     """Classes to shard/checkpoint one by one: by name from config, else the model's `block_classes`."""
     if not names:
-        return tuple(getattr(model, "block_classes", ()))
+        own = tuple(getattr(model, "block_classes", ()))
+        if own:
+            return own
+        # A HuggingFace model names the classes it must not split across devices (its decoder layers).
+        no_split = set(getattr(model, "_no_split_modules", None) or ())
+        found = {type(m) for m in model.modules() if type(m).__name__ in no_split and m is not model}
+        return tuple(sorted(found, key=lambda c: c.__name__))
     found = {type(m).__name__: type(m) for m in model.modules()}
     missing = [n for n in names if n not in found]
     if missing:

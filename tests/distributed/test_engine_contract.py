@@ -36,9 +36,11 @@ def _batch(step: int, rank: int, tp: int):
 
 def _step(engine, step: int, rank: int, tp: int) -> tuple[float, float]:
     from scaletrain import dist
+    from scaletrain.objective import TokenBatch, lm_loss_sum
 
+    x, y = _batch(step, rank, tp)
     with engine.accumulate(is_boundary=True):
-        loss = engine.forward(_batch(step, rank, tp))
+        loss = lm_loss_sum(engine.forward(TokenBatch(x, y)), y) / y.numel()
         engine.backward(loss)
     stats = engine.step(1e-2)
     mean_loss = dist.all_reduce_sum([float(loss)], engine.ctx.device)[0] / engine.ctx.world_size

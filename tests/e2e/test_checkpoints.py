@@ -247,8 +247,8 @@ def val_loss_of(weights: Path, run: Path, dtype: torch.dtype = torch.float32, wo
     from scaletrain.checkpoint.weights import complete_tied, load_weights_file
     from scaletrain.config import load_config
     from scaletrain.data import Batches, BatchPlan, read_meta
-    from scaletrain.engines.base import lm_loss
     from scaletrain.model import build_model
+    from scaletrain.objective import lm_loss_sum
 
     cfg = load_config(run / "config.json", [])
     meta = read_meta(cfg.data.path)
@@ -262,7 +262,7 @@ def val_loss_of(weights: Path, run: Path, dtype: torch.dtype = torch.float32, wo
         for i in range(cfg.train.eval_steps):
             x, y = batches.val_batch(i)
             with torch.no_grad():
-                total += float(lm_loss(model(x), y)) * y.numel()
+                total += float(lm_loss_sum(model(x), y))
             count += y.numel()
     return total / count
 

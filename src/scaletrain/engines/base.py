@@ -4,7 +4,7 @@ The loop talks to an Engine and never asks which backend it has. Public verbs ho
 and call small protected hooks each backend fills. Each verb says whether it is collective (every
 rank must call it, in the same order) or local.
 
-Imports: torch, `scaletrain.config`, `scaletrain.dist`, `scaletrain.parallel`. Not: loop, cli.
+Imports: torch, `scaletrain.config`, `scaletrain.dist`, `scaletrain.objective`, `scaletrain.parallel`. Not: loop, cli.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from scaletrain.config import Precision
 from scaletrain.dist import DistContext
+from scaletrain.objective import call_model
 from scaletrain.parallel import DTYPES
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,6 @@ class EngineSpec:
     allow_tf32: bool = True
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over every token of the micro-batch, computed in fp32."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-
-
 class Engine(ABC):
     """One backend behind one interface. Subclasses fill the hooks; they never inherit each other."""
 
@@ -89,7 +84,7 @@ class Engine(ABC):
         """The unwrapped model (plain parameter names); for inspection, not for calling forward."""
 
     @abstractmethod
-    def _forward_module(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _forward_module(self) -> Callable[..., Any]:
         """The callable that runs forward (the wrapped, maybe compiled, model)."""
 
     def train(self, mode: bool = True) -> None:
@@ -111,28 +106,25 @@ class Engine(ABC):
     def _no_sync(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Collective under sharded backends. The micro-batch loss (mean over its tokens), unscaled."""
-        x, y = (t.to(self.ctx.device, non_blocking=True) for t in batch)
+    def forward(self, batch: Any) -> Any:
+        """Collective under sharded backends. The model's outputs for one micro-batch that is already on
+        this rank's device (`objective.to_device`), under autocast. The loss is the objective's, not
+        the engine's (`scaletrain.objective`)."""
         with self.autocast():
-            logits = self._forward_module()(x)
-        return lm_loss(logits, y)
-
-    @torch.no_grad()
-    def eval_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Collective under sharded backends. Loss of one validation batch, no gradients kept."""
-        return self.forward(batch)
+            return call_model(self._forward_module(), batch)
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
-        """Collective on the boundary micro-step. Takes the unscaled micro-batch loss; applies
-        1/grad_accum and any fp16 loss scaling; never steps."""
+        """Collective on the boundary micro-step. Takes the micro-batch loss; applies 1/grad_accum and
+        any fp16 loss scaling; gradients are averaged over the data-parallel ranks; never steps."""
 
     @abstractmethod
-    def step(self, lr: float, *, force_skip: bool = False) -> StepStats:
-        """Collective. Once per optimizer step: unscale, clip to grad_clip over all shards, update with
-        learning rate `lr` (or skip on non-finite gradients or `force_skip`), zero gradients. The loop
-        owns the schedule and the step count; engines hold no clock."""
+    def step(self, lr: float, *, force_skip: bool = False, grad_scale: float = 1.0) -> StepStats:
+        """Collective. Once per optimizer step: multiply the gradients by `grad_scale` (the loop's
+        correction when micro-batches count different numbers of items), unscale, clip to grad_clip
+        over all shards, update with learning rate `lr` (or skip on non-finite gradients or
+        `force_skip`), zero gradients. The loop owns the schedule and the step count; engines hold no
+        clock."""
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -10,7 +10,7 @@ Checkpoints are DeepSpeed's own files in `<tag>/deepspeed/`, written, read (with
 and converted for another world size by `scaletrain.checkpoint.deepspeed_state`.
 
 Imports: torch, deepspeed, `scaletrain.engines.base`, `scaletrain.checkpoint`, `scaletrain.config`,
-`scaletrain.ds_config`, `scaletrain.materialize`, `scaletrain.optim`.
+`scaletrain.ds_config`, `scaletrain.errors`, `scaletrain.materialize`, `scaletrain.optim`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from scaletrain.checkpoint.weights import canonical_name
 from scaletrain.config import DeepSpeedConfig, OptimConfig
 from scaletrain.ds_config import HARNESS_SECTIONS, offload_on
 from scaletrain.engines.base import Engine, EngineSpec, StepStats
+from scaletrain.errors import TrainingError
 from scaletrain.materialize import WeightsSource, build_initialized, parameter_value, tie_groups
 from scaletrain.optim import param_groups
 
@@ -111,19 +112,42 @@ class DeepSpeedEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         self._ds.backward(loss)  # divides by gradient_accumulation_steps (= our grad_accum) itself
 
-    def step(self, lr: float, *, force_skip: bool = False) -> StepStats:
+    def step(self, lr: float, *, force_skip: bool = False, grad_scale: float = 1.0) -> StepStats:
         """Collective. DeepSpeed computes the global norm (all-reduced, so every rank agrees), clips,
         and skips the update when the norm is not finite; `force_skip` makes the inner optimizer's
         step a no-op for this call, so parameters, moments and step counts stay as they were."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with self._no_update() if force_skip else contextlib.nullcontext():
+        with self._no_update() if force_skip else contextlib.nullcontext(), self._grad_scale(grad_scale):
             self._ds.step()
         norm = self._ds.get_global_grad_norm()
         norm = float(norm) if norm is not None else math.nan
         skipped = force_skip or not self._ds.was_step_applied() or not math.isfinite(norm)
         scale = float(self.optimizer.loss_scale) if self.spec.precision == "fp16" else None
         return StepStats(grad_norm=norm, lr=lr, skipped=skipped, loss_scale=scale)
+
+    @contextlib.contextmanager
+    def _grad_scale(self, factor: float) -> Iterator[None]:
+        """Multiply this step's gradients by `factor` inside DeepSpeed's own unscale-and-clip.
+
+        ZeRO divides the gradients by its loss scale before clipping and reports the norm divided by
+        it; for one step the scale it uses becomes (its scale / factor) through the optimizer's
+        `override_loss_scale`, which changes nothing else (the backward pass and the dynamic fp16
+        scaler keep their own value). Every ZeRO stage's optimizer has it."""
+        if factor == 1.0:
+            yield
+            return
+        opt = self.optimizer
+        if not hasattr(opt, "override_loss_scale"):
+            raise TrainingError(
+                f"{type(opt).__name__} cannot rescale gradients, which batches with varying counts need; "
+                "use a ZeRO stage of 1-3 or batches with a fixed count"
+            )
+        opt.override_loss_scale(float(opt.loss_scale) / factor)
+        try:
+            yield
+        finally:
+            opt.custom_loss_scaler, opt.external_loss_scale = False, None
 
     @contextlib.contextmanager
     def _no_update(self) -> Iterator[None]:

@@ -26,7 +26,7 @@ from scaletrain import parallel
 from scaletrain.checkpoint import torch_state
 from scaletrain.config import DDPConfig, FSDPConfig
 from scaletrain.engines.base import Engine, EngineSpec, StepStats
-from scaletrain.engines.grads import LossScaler, clip_grads_, global_grad_norm
+from scaletrain.engines.grads import LossScaler, clip_grads_, global_grad_norm, local_grads
 from scaletrain.materialize import build_initialized, build_on_meta, materialize
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,11 @@ class TorchNativeEngine(Engine):
         loss = loss / self.spec.grad_accum
         (self.scaler.scale_loss(loss) if self.scaler is not None else loss).backward()
 
-    def step(self, lr: float, *, force_skip: bool = False) -> StepStats:
+    def step(self, lr: float, *, force_skip: bool = False, grad_scale: float = 1.0) -> StepStats:
         """Collective (the norm's all-reduce). Every rank computes the same norm, so every rank makes
         the same skip decision without a broadcast."""
+        if grad_scale != 1.0:
+            torch._foreach_mul_(local_grads(self._params), grad_scale)
         if self.scaler is not None:
             self.scaler.unscale_(self._params)
         norm = global_grad_norm(self._params, self.ctx.device)
