@@ -9,7 +9,7 @@ rank (a rank-0-only forward hangs FSDP and ZeRO-3).
 Imports: `scaletrain.config`, `scaletrain.data`, `scaletrain.sources`, `scaletrain.objective`, `scaletrain.hooks`,
 `scaletrain.dist`, `scaletrain.engines`, `scaletrain.checkpoint`, `scaletrain.callbacks`, `scaletrain.train_state`,
 `scaletrain.metrics`, `scaletrain.model`, `scaletrain.optim`, `scaletrain.runlock`, `scaletrain.errors`,
-`scaletrain.sweep` (only in a sweep trial).
+`scaletrain.materialize` (the `model.init_from` check), `scaletrain.sweep` (only in a sweep trial).
 """
 
 from __future__ import annotations
@@ -127,8 +127,10 @@ def _plan_datasets(cfg: Config, world_size: int) -> RunPlan:
 
 
 def _check_common(cfg: Config, world_size: int) -> None:
-    if cfg.model.init_from is not None and not Path(cfg.model.init_from).is_file():
-        raise ConfigError(f"model.init_from: {cfg.model.init_from} is not a file; give a consolidated weights file")
+    if cfg.model.init_from is not None:  # a weights file, or a folder holding model.safetensors (HF)
+        from scaletrain.materialize import check_weights_source
+
+        check_weights_source(cfg.model.init_from)
     if cfg.train.eval_only and not cfg.train.eval_steps:
         raise ConfigError("train.eval_only needs train.eval_steps > 0")
     registry.validate(cfg, world_size)

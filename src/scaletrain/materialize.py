@@ -11,9 +11,13 @@ would draw the same shard).
     ... apply_tp / fully_shard on meta ...
     materialize(model, device=..., seed=..., source=None | weights file)
 
-Where a value comes from, in order: `source` (a consolidated weights file, read tensor by tensor), the model's `init_parameter(name, tensor)` hook (the built-in GPT has one), a HuggingFace
-model's `_init_weights(module)`, the owning module's `reset_parameters()`. A model none of these
-covers is refused with one line naming the hook to write.
+Where a value comes from, in order: `source` (a consolidated weights file, or a folder holding
+`model.safetensors` or `model.safetensors.index.json` such as a Hugging Face model or a
+`consolidate --format hf` export, read tensor by tensor), the model's `init_parameter(name, tensor)`
+hook (the built-in GPT has one), a HuggingFace model's `_init_weights(module)`, the owning module's
+`reset_parameters()`. A model none of these covers is refused with one line naming the hook to write.
+A tied parameter takes its value from whichever of its names the source holds (Hugging Face files
+leave `lm_head.weight` out when it is tied to the input embedding).
 Imports: torch, safetensors, `scaletrain.checkpoint`, `scaletrain.errors`.
 """
 
@@ -126,39 +130,72 @@ def local_piece(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
+# What a weights folder (a Hugging Face model, a `consolidate --format hf` export) holds, in the
+# order Hugging Face looks for them: one file, else the index of the shards.
+FOLDER_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def folder_weights(folder: Path) -> Path | None:
+    """The weights file a folder holds (`FOLDER_FILES`), or None."""
+    return next((folder / n for n in FOLDER_FILES if (folder / n).is_file()), None)
+
+
+def check_weights_source(path: Path) -> None:
+    """`model.init_from` names a weights file or a folder holding one; ConfigError in one line if not.
+    (Whether the file can be read is `WeightsSource`'s business, on every rank.)"""
+    path = Path(path)
+    if path.is_file():
+        return
+    if path.is_dir():
+        if folder_weights(path) is None:
+            raise ConfigError(f"model.init_from: the folder {path} holds neither {' nor '.join(FOLDER_FILES)}; give a "
+                              "Hugging Face model folder, a `scaletrain consolidate` output, or a weights file")
+        return
+    raise ConfigError(f"model.init_from: {path} does not exist; give a consolidated weights file or a folder "
+                      f"holding {FOLDER_FILES[0]}")
+
+
 class WeightsSource:
-    """A consolidated weights file read one tensor at a time: `.safetensors` (or its `.index.json`)
-    through safetensors' lazy reader, or a `.pt` state dict memory-mapped with `weights_only=True`."""
+    """Weights read one tensor at a time: a `.safetensors` file (or its `.index.json`) through
+    safetensors' lazy reader, a `.pt` state dict memory-mapped with `weights_only=True`, or a folder
+    holding `model.safetensors` / `model.safetensors.index.json` (`FOLDER_FILES`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._tensors: dict[str, Callable[[], torch.Tensor]] = {}
         try:
-            if self.path.suffix == ".pt":
+            if self.path.is_dir():
+                file = folder_weights(self.path)
+                if file is None:
+                    raise ValueError(f"a folder without {' or '.join(FOLDER_FILES)}")
+                for f in self._safetensors_files(file):
+                    self._add_safetensors(f)
+            elif self.path.suffix == ".pt":
                 state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
                 if not isinstance(state, dict):
                     raise ValueError("not a state dict")
                 for key, t in state.items():
                     self._tensors[canonical_name(key)] = lambda t=t: t
             else:
-                for f in self._safetensors_files():
+                for f in self._safetensors_files(self.path):
                     self._add_safetensors(f)
         except Exception as e:  # a file from elsewhere: pickle refusals, safetensors header errors, ...
             first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"model.init_from: cannot read {self.path} ({first}); give a file written by "
-                                  "`scaletrain consolidate`") from None
+            raise CheckpointError(f"model.init_from: cannot read {self.path} ({first}); give a file or folder "
+                                  "written by `scaletrain consolidate`, or a Hugging Face model folder") from None
 
-    def _safetensors_files(self) -> list[Path]:
-        if self.path.name.endswith(".index.json"):
-            index = json.loads(self.path.read_text())["weight_map"]
+    @staticmethod
+    def _safetensors_files(path: Path) -> list[Path]:
+        if path.name.endswith(".index.json"):
+            index = json.loads(path.read_text())["weight_map"]
             names = {str(f) for f in index.values()}
             # Shards are plain files beside the index: no other folder, and never an index again.
             if any(Path(n).name != n or n.endswith(".index.json") for n in names):
                 raise ValueError("a shard name in the index is not a plain weights file beside it")
-            return sorted(self.path.parent / n for n in names)
-        if self.path.suffix != ".safetensors":
+            return sorted(path.parent / n for n in names)
+        if path.suffix != ".safetensors":
             raise ValueError("not a .safetensors file, its .index.json, or a .pt state dict")
-        return [self.path]
+        return [path]
 
     def _add_safetensors(self, file: Path) -> None:
         from safetensors import safe_open

@@ -12,10 +12,16 @@ on load. `--max-shard-size` writes HF-style shards plus `model.safetensors.index
 Outputs are written under a temporary name and renamed when complete; an existing output is kept
 unless `--force`.
 
-Default output: `<run>/consolidated/<tag>.safetensors` (`.pt` for `--format pt`), or the folder
-`<run>/consolidated/<tag>/` with `--max-shard-size`, where `<run>` is the folder holding CKPT_DIR.
+`--format hf` writes a folder a Hugging Face loader opens: `model.safetensors` (or shards and the
+index past `--max-shard-size`) and `config.json`, which `hf_export` derives from the model the tag's
+meta.json describes (rebuilt on the meta device) before any output is touched.
 
-Imports: torch, `scaletrain.checkpoint.layout`, `scaletrain.checkpoint.readers`, `scaletrain.errors`.
+Default output: `<run>/consolidated/<tag>.safetensors` (`.pt` for `--format pt`), or the folder
+`<run>/consolidated/<tag>/` with `--max-shard-size`, or `<run>/consolidated/<tag>-hf/` with
+`--format hf`, where `<run>` is the folder holding CKPT_DIR.
+
+Imports: torch, `scaletrain.checkpoint.layout`, `scaletrain.checkpoint.readers`,
+`scaletrain.checkpoint.hf_export` (for `--format hf`), `scaletrain.errors`.
 """
 
 from __future__ import annotations
@@ -137,6 +143,8 @@ def readers_detectable(path: Path) -> bool:
 
 def default_out(tag_dir: Path, fmt: str, sharded: bool) -> Path:
     base = tag_dir.parent.parent / "consolidated"
+    if fmt == "hf":
+        return base / f"{tag_dir.name}-hf"
     return base / tag_dir.name if sharded else base / f"{tag_dir.name}.{'safetensors' if fmt == 'safetensors' else 'pt'}"
 
 
@@ -154,7 +162,7 @@ def _check_tag(tag_dir: Path, verify: bool) -> None:
 def consolidate(ckpt_dir: Path, *, tag: str | None = None, out: Path | None = None, dtype: str = "fp32",
                 fmt: str = "safetensors", max_shard_size: int | None = None, force: bool = False,
                 verify: bool = False) -> list[Path]:
-    """Write the weights of one tag; returns the files written (index last)."""
+    """Write the weights of one tag; returns the files written (the index, then config.json, last)."""
     tag_dir = _resolve_tag(Path(ckpt_dir), tag)
     if not tag_dir.is_dir():
         raise CheckpointError(f"checkpoint tag {tag_dir} does not exist")
@@ -162,18 +170,27 @@ def consolidate(ckpt_dir: Path, *, tag: str | None = None, out: Path | None = No
     reader = readers.open_reader(tag_dir)
     out_dtype = _OUT_DTYPES[dtype]
     entries = {n: (shape, out_dtype if d.is_floating_point else d) for n, (shape, d) in reader.entries.items()}
+    config_text = None
+    if fmt == "hf":  # everything that can fail about the model is checked before the output is touched
+        from scaletrain.checkpoint import hf_export
+
+        config_text = hf_export.config_json(tag_dir, layout.read_meta(tag_dir), reader, out_dtype)
     out = Path(out) if out is not None else default_out(tag_dir, fmt, max_shard_size is not None)
     shards = _shard_plan(entries, max_shard_size)
-    ext = "safetensors" if fmt == "safetensors" else "pt"
-    if max_shard_size is None:
-        targets = [out]
-    else:
+    ext = "pt" if fmt == "pt" else "safetensors"
+    # An HF folder holds one model.safetensors unless the shard size splits it (as save_pretrained does).
+    sharded = len(shards) > 1 if fmt == "hf" else max_shard_size is not None
+    if sharded:
         targets = [out / f"model-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
-    index = out / f"model.{ext}.index.json" if max_shard_size is not None else None
-    _prepare_out(out, targets + ([index] if index else []), force=force, is_dir=index is not None, tag_dir=tag_dir)
+    else:
+        targets = [out / "model.safetensors" if fmt == "hf" else out]
+    index = out / f"model.{ext}.index.json" if sharded else None
+    config = out / "config.json" if config_text is not None else None
+    extra = [p for p in (index, config) if p is not None]
+    _prepare_out(out, targets + extra, force=force, is_dir=fmt == "hf" or index is not None, tag_dir=tag_dir)
     meta = {"format": "pt", "source": f"{tag_dir.name} ({reader.format})",
             "tied": json.dumps(reader.aliases, sort_keys=True)}
-    cls = _SafetensorsFile if fmt == "safetensors" else _PtFile
+    cls = _PtFile if fmt == "pt" else _SafetensorsFile
     files = {}
     for names, target in zip(shards, targets):
         f = cls(target.with_name(target.name + PARTIAL), {n: entries[n] for n in names}, meta)
@@ -193,7 +210,9 @@ def consolidate(ckpt_dir: Path, *, tag: str | None = None, out: Path | None = No
         weight_map = {n: targets[i].name for i, names in enumerate(shards) for n in names}
         layout.write_atomic(index, json.dumps({"metadata": {"total_size": total, **meta}, "weight_map": weight_map},
                                               indent=2) + "\n")
-    return targets + ([index] if index else [])
+    if config is not None and config_text is not None:
+        layout.write_atomic(config, config_text)  # last: a folder with config.json is complete
+    return targets + extra
 
 
 # What consolidate (and an HF-style export) writes into an output folder; nothing else is ever touched.
@@ -235,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
         force=args.force, verify=args.verify,
     )
     total = sum(p.stat().st_size for p in written)
-    print(f"wrote {written[-1]} ({len(written)} file{'s' if len(written) > 1 else ''}, {total / 2**20:.1f} MiB, "
+    shown = written[-1].parent if args.format == "hf" else written[-1]
+    print(f"wrote {shown} ({len(written)} file{'s' if len(written) > 1 else ''}, {total / 2**20:.1f} MiB, "
           f"{args.dtype})")
     return 0
 
@@ -244,9 +264,11 @@ def add_command(subparsers: Any) -> None:
     p = subparsers.add_parser("consolidate", help="write one file of plain model weights from any checkpoint")
     p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="a run's ckpt/ folder, or one tag folder in it")
     p.add_argument("--tag", help="tag to read (default: the one `latest` names)")
-    p.add_argument("--out", help="output file (or folder with --max-shard-size); default <run>/consolidated/<tag>.*")
+    p.add_argument("--out", help="output file (a folder with --max-shard-size or --format hf); "
+                   "default <run>/consolidated/<tag>.* (<tag>-hf/ for --format hf)")
     p.add_argument("--dtype", choices=sorted(_OUT_DTYPES), default="fp32", help="dtype of floating tensors")
-    p.add_argument("--format", choices=["safetensors", "pt"], default="safetensors")
+    p.add_argument("--format", choices=["safetensors", "pt", "hf"], default="safetensors",
+                   help="hf: a Hugging Face model folder (config.json + model.safetensors) from_pretrained loads")
     p.add_argument("--max-shard-size", help="split into HF-style shards of at most this size (e.g. 2GB) + index")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--verify", action="store_true", help="re-check every checksum of the tag first")
