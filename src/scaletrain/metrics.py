@@ -75,6 +75,7 @@ class NullSink:
 
     def start(self, total_steps: int, first_step: int) -> None: ...
     def log(self, record: dict[str, Any], *, console: bool) -> None: ...
+    def log_checkpoint(self, step: int, tag_dir: Path) -> None: ...
     def close(self) -> None: ...
 
 
@@ -128,6 +129,11 @@ class RankZeroSink:
             else:
                 self.console.print(line, highlight=False)
 
+    def log_checkpoint(self, step: int, tag_dir: Path) -> None:
+        """A committed (or queued) checkpoint tag: every tracker records its name and path."""
+        for tracker in self._trackers:
+            tracker.log_checkpoint(step, Path(tag_dir).name, str(tag_dir))
+
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
@@ -136,57 +142,130 @@ class RankZeroSink:
         self._file.close()
 
 
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config to one level with dotted keys (`model.n_layer`). Values a tracker can show as
+    they are (bool, int, float, str) stay; None, lists and anything else become their JSON text."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, name + "."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value, default=str)
+    return flat
+
+
+def _numeric(rec: dict[str, Any]) -> dict[str, float]:
+    """The record's numbers, without `step` (the x axis) and flags (booleans)."""
+    return {k: float(v) for k, v in rec.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 class _TensorBoard:
-    def __init__(self, run_dir: Path) -> None:
+    """Event files in `<run_dir>/tb/`: one scalar per metric by step, the flattened config as hparams
+    (the HPARAMS tab), and a text entry `checkpoint` per saved tag."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
 
         self.w = SummaryWriter(str(run_dir / "tb"))
+        # add_hparams would open a second event folder; writing the three summaries here keeps one run.
+        for summary in hparams(flatten_config(config), {}):
+            self.w.file_writer.add_summary(summary)
 
     def log(self, rec: dict[str, Any]) -> None:
-        for k, v in rec.items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                self.w.add_scalar(k, v, rec["step"])
+        for k, v in _numeric(rec).items():
+            self.w.add_scalar(k, v, rec["step"])
+
+    def log_checkpoint(self, step: int, tag: str, path: str) -> None:
+        self.w.add_text("checkpoint", f"{tag} {path}", step)
+        self.w.flush()
 
     def close(self) -> None:
         self.w.close()
 
 
-class _MLflow:
-    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
-        import mlflow
+def mlflow_tracking_uri(run_dir: Path) -> str:
+    """`MLFLOW_TRACKING_URI` when set, else a SQLite store in `<run_dir>/mlruns/mlflow.db` (MLflow 3
+    refuses its old plain-file store unless told otherwise)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(run_dir) / 'mlruns').resolve()}/mlflow.db"
 
-        self.m = mlflow
-        mlflow.start_run(run_name=config["run"]["name"])
-        mlflow.log_dict(config, "config.json")
+
+class _MLflow:
+    """One MLflow run per invocation, in experiment `scaletrain` of `mlflow_tracking_uri(run_dir)`:
+    the flattened config as params, every metric by step, a tag `checkpoint.<tag>` per saved tag and
+    `config.json` as an artifact. Uses a client bound to that store, never MLflow's global state."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param
+
+        self._metric = Metric
+        uri = mlflow_tracking_uri(run_dir)
+        if uri.startswith("sqlite:///"):
+            (Path(run_dir) / "mlruns").mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name("scaletrain")
+        if exp is not None:
+            exp_id = exp.experiment_id
+        elif uri.startswith("sqlite:///"):
+            artifacts = (Path(run_dir) / "mlruns" / "artifacts").resolve().as_uri()
+            exp_id = self.client.create_experiment("scaletrain", artifact_location=artifacts)
+        else:
+            exp_id = self.client.create_experiment("scaletrain")
+        self.run_id = self.client.create_run(exp_id, run_name=config.get("run", {}).get("name")).info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in flatten_config(config).items()]
+        for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        self.client.log_dict(self.run_id, config, "config.json")
 
     def log(self, rec: dict[str, Any]) -> None:
-        nums = {k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float)) and v is not None}
-        self.m.log_metrics(nums, step=rec["step"])
+        now = int(time.time() * 1000)
+        metrics = [self._metric(k, v, now, int(rec["step"])) for k, v in _numeric(rec).items()]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def log_checkpoint(self, step: int, tag: str, path: str) -> None:
+        self.client.set_tag(self.run_id, f"checkpoint.{tag}", path)
+        self.client.set_tag(self.run_id, "checkpoint.latest", tag)
 
     def close(self) -> None:
-        self.m.end_run()
+        self.client.set_terminated(self.run_id)
 
 
 class _WandB:
+    """A W&B run in `<run_dir>/wandb/`, offline unless `WANDB_MODE` says otherwise (`wandb sync`
+    uploads it later): the flattened config, every metric by step, and per saved tag a summary entry
+    `checkpoint/<tag>` (the path) plus `checkpoint/latest`."""
+
     def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
         import wandb
 
-        self.run = wandb.init(name=config["run"]["name"], dir=str(run_dir), config=config)
+        settings = wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True)
+        self.run = wandb.init(name=config.get("run", {}).get("name"), dir=str(run_dir), config=flatten_config(config),
+                              mode=os.environ.get("WANDB_MODE", "offline"), project=os.environ.get(
+                                  "WANDB_PROJECT", "scaletrain"), settings=settings)
 
     def log(self, rec: dict[str, Any]) -> None:
-        self.run.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+        self.run.log(_numeric(rec), step=int(rec["step"]))
+
+    def log_checkpoint(self, step: int, tag: str, path: str) -> None:
+        self.run.summary[f"checkpoint/{tag}"] = path
+        self.run.summary["checkpoint/latest"] = tag
 
     def close(self) -> None:
         self.run.finish()
 
 
+_TRACKERS = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _WandB}
+
+
 def _make_tracker(name: str, run_dir: Path, config: dict[str, Any]):
     try:
-        if name == "tensorboard":
-            return _TensorBoard(run_dir)
-        if name == "mlflow":
-            return _MLflow(run_dir, config)
-        return _WandB(run_dir, config)
+        return _TRACKERS[name](run_dir, config)
     except ImportError:
         log.warning("logging.trackers: %s is not installed (pip install 'scaletrain[%s]'); skipping it", name, name)
         return None
