@@ -22,6 +22,7 @@ log = logging.getLogger("scaletrain")
 COMMAND_MODULES = (
     "scaletrain.checkpoint.consolidate",
     "scaletrain.checkpoint.inspect",
+    "scaletrain.plot",
 )
 
 
