@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from scaletrain import cli, plot  # noqa: E402
+from scaletrain import cli, plot
 
 
 def _run(path: Path, steps: int, *, val_every: int = 5, scale: float = 1.0) -> Path:
@@ -42,7 +43,7 @@ def test_two_runs_lines_per_panel(tmp_path):
     assert 4 not in list(axes[3].get_lines()[0].get_xdata())  # a null grad_norm is not a point
     assert [t.get_text() for t in axes[2].get_legend().get_texts()] == ["run_a", "run_b"]
     # the smoothed line is smoother: smaller total variation than the raw one
-    tv = [sum(abs(y1 - y0) for y0, y1 in zip(ys, ys[1:])) for ys in (raw_a.get_ydata(), ema_a.get_ydata())]
+    tv = [sum(abs(y1 - y0) for y0, y1 in itertools.pairwise(ys)) for ys in (raw_a.get_ydata(), ema_a.get_ydata())]
     assert tv[1] < tv[0]
     import matplotlib.pyplot as plt
 
