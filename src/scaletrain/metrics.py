@@ -1,7 +1,9 @@
 """Where step records go: `metrics.jsonl` and a rich console on rank 0, optional trackers, and a
 sink that does nothing on every other rank (so call sites never branch on rank).
 
-Never runs a collective. Imports: rich, `scaletrain.config`.
+Also the end-of-run summary (`run_summary`, printed by `SummaryCallback`).
+Never runs a collective. Imports: rich, `scaletrain.config`, `scaletrain.callbacks`,
+`scaletrain.checkpoint.layout`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +21,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from scaletrain.callbacks import Callback, RunInfo
+from scaletrain.checkpoint import layout
 from scaletrain.config import LoggingConfig
 
 log = logging.getLogger(__name__)
@@ -293,3 +298,66 @@ class Throughput:
         out = {"tokens_per_s": self._tokens / dt, "step_ms": 1000 * dt / max(self._steps, 1)}
         self._t, self._tokens, self._steps = now, 0, 0
         return out
+
+
+def _hms(seconds: float) -> str:
+    m, sec = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{sec:02d}"
+
+
+def run_summary(run_dir: Path, *, first_step: int, last_step: int, wall_s: float, tokens: int,
+                final_val_loss: float | None, best_val_loss: float | None, ended: str = "finished") -> list[str]:
+    """The lines printed at the end of a run: steps, wall time, tokens, final and best validation
+    loss, the latest and best checkpoints (from `<run_dir>/ckpt`'s pointers) and the command that
+    exports the latest one (and the best one when it differs). `tokens` is the run's total so far."""
+    run_dir = Path(run_dir)
+    ckpt = run_dir / "ckpt"
+    done = last_step - first_step
+    lines = [f"run {ended}: {run_dir} at step {last_step} ({done} step{'s' if done != 1 else ''} in {_hms(wall_s)}"
+             + (f", resumed from step {first_step})" if first_step else ")")]
+    rate = f" ({tokens / wall_s:,.0f} tokens/s over this invocation's wall time)" if wall_s > 0 and done else ""
+    lines.append(f"tokens: {tokens:,}{rate}")
+    if final_val_loss is None and best_val_loss is None:
+        lines.append("validation loss: not evaluated (train.eval_steps=0 or no evaluation step reached)")
+    else:
+        final = "-" if final_val_loss is None else f"{final_val_loss:.4f}"
+        best = "-" if best_val_loss is None else f"{best_val_loss:.4f}"
+        lines.append(f"validation loss: final {final}, best {best}")
+    latest, best_tag = layout.read_pointer(ckpt), layout.read_pointer(ckpt, layout.BEST_FILE)
+    if latest is None:
+        lines.append(f"checkpoints: none in {ckpt}")
+        return lines
+    lines.append(f"checkpoint latest: {ckpt / latest}")
+    if best_tag is not None:
+        lines.append(f"checkpoint best:   {ckpt / best_tag}")
+    for tag in dict.fromkeys(t for t in (latest, best_tag) if t is not None):
+        out = run_dir / "consolidated" / f"{tag}.safetensors"
+        lines.append(f"export {tag}: scaletrain consolidate {shlex.quote(str(ckpt / tag))} --out {shlex.quote(str(out))}")
+    return lines
+
+
+class SummaryCallback(Callback):
+    """Prints `run_summary` on rank 0 when a run ends normally (not after an error). The loop adds it
+    to its callback list after the sink: `CallbackList([SinkCallback(...), SummaryCallback(), *user])`;
+    it reads `state.step`, `state.tokens`, `state.best_val_loss` and the result's `final_val_loss`,
+    `preempted`, `stopped`. Wall time runs from `on_train_start`. Local; rank 0 writes, via logging."""
+
+    def __init__(self, printer: Any = None) -> None:
+        self._print = printer or log.info
+        self._t0 = time.perf_counter()
+        self._first_step = 0
+
+    def on_train_start(self, run: RunInfo, state: Any) -> None:
+        self._t0 = time.perf_counter()
+        self._first_step = state.step
+
+    def on_train_end(self, run: RunInfo, state: Any, result: Any) -> None:
+        if result is None or not run.is_main:
+            return
+        ended = ("stopped by a signal" if getattr(result, "preempted", False)
+                 else "stopped by a callback" if getattr(result, "stopped", False) else "finished")
+        for line in run_summary(run.run_dir, first_step=self._first_step, last_step=state.step,
+                                wall_s=time.perf_counter() - self._t0, tokens=state.tokens,
+                                final_val_loss=getattr(result, "final_val_loss", None),
+                                best_val_loss=state.best_val_loss, ended=ended):
+            self._print(line)

@@ -148,3 +148,44 @@ def test_sink_callback_forwards_saves(tmp_path):
 
     SinkCallback(Sink()).on_save(None, SimpleNamespace(step=7), tmp_path / "step_00000007")
     assert seen == [(7, "step_00000007")]
+
+
+def test_run_summary_text(tmp_path):
+    from scaletrain.metrics import run_summary
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "latest").write_text("step_00000020\n")
+    (ckpt / "best").write_text("step_00000010\n")
+    lines = run_summary(tmp_path, first_step=5, last_step=20, wall_s=3725.0, tokens=40960,
+                        final_val_loss=3.5, best_val_loss=3.25)
+    assert lines[0] == f"run finished: {tmp_path} at step 20 (15 steps in 1:02:05, resumed from step 5)"
+    assert lines[1].startswith("tokens: 40,960 (11 tokens/s")
+    assert lines[2] == "validation loss: final 3.5000, best 3.2500"
+    assert lines[3] == f"checkpoint latest: {ckpt / 'step_00000020'}"
+    assert lines[4] == f"checkpoint best:   {ckpt / 'step_00000010'}"
+    assert lines[5] == (f"export step_00000020: scaletrain consolidate {ckpt / 'step_00000020'} "
+                        f"--out {tmp_path / 'consolidated' / 'step_00000020.safetensors'}")
+    assert lines[6].startswith("export step_00000010: scaletrain consolidate ")
+    assert len(lines) == 7
+
+
+def test_run_summary_without_eval_or_checkpoints(tmp_path):
+    from types import SimpleNamespace
+
+    from scaletrain.callbacks import RunInfo
+    from scaletrain.metrics import SummaryCallback
+
+    printed: list[str] = []
+    cb = SummaryCallback(printer=printed.append)
+    info = RunInfo(tmp_path, 0, 1, 4, {})
+    cb.on_train_start(info, SimpleNamespace(step=0))
+    state = SimpleNamespace(step=4, tokens=512, best_val_loss=None)
+    cb.on_train_end(RunInfo(tmp_path, 1, 2, 4, {}), state, SimpleNamespace(final_val_loss=None))
+    assert printed == []  # rank 1 says nothing
+    cb.on_train_end(info, state, None)
+    assert printed == []  # nor after an error
+    cb.on_train_end(info, state, SimpleNamespace(final_val_loss=None, preempted=True))
+    assert printed[0].startswith(f"run stopped by a signal: {tmp_path} at step 4 (4 steps in 0:00:00)")
+    assert printed[2].startswith("validation loss: not evaluated")
+    assert printed[3] == f"checkpoints: none in {tmp_path / 'ckpt'}" and len(printed) == 4
