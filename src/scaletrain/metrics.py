@@ -301,7 +301,7 @@ class Throughput:
 
 
 def _hms(seconds: float) -> str:
-    m, sec = divmod(int(round(seconds)), 60)
+    m, sec = divmod(round(seconds), 60)
     return f"{m // 60}:{m % 60:02d}:{sec:02d}"
 
 
