@@ -361,3 +361,16 @@ class SummaryCallback(Callback):
                                 final_val_loss=getattr(result, "final_val_loss", None),
                                 best_val_loss=state.best_val_loss, ended=ended):
             self._print(line)
+
+
+def layer_norm_record(norms: dict[str, float]) -> dict[str, Any]:
+    """Per-layer gradient norms (`engine.layer_grad_norms()`) as record fields: `grad_norm/<layer>`
+    for each, plus `grad_norm_max_layer` (the name of the largest; a string, so JSONL keeps it and
+    trackers skip it). The loop merges this into the step's record: `record.update(...)`."""
+    if not norms:
+        return {}
+    out: dict[str, Any] = {f"grad_norm/{k}": v for k, v in norms.items()}
+    finite = {k: v for k, v in norms.items() if math.isfinite(v)}
+    if finite:
+        out["grad_norm_max_layer"] = max(finite, key=finite.__getitem__)
+    return out
