@@ -116,8 +116,10 @@ def test_wandb_offline_reads_back(tmp_path, monkeypatch):
     config: dict = {}
     history: dict[int, dict] = {}
     summary: dict = {}
+    kinds = []
     for rec in _wandb_records(run_file):
         kind = rec.WhichOneof("record_type")
+        kinds.append(kind)
         if kind in ("run", "config"):
             items = rec.run.config.update if kind == "run" else rec.config.update
             for item in items:  # a config value is stored bare or as {"value": ...}
@@ -128,7 +130,7 @@ def test_wandb_offline_reads_back(tmp_path, monkeypatch):
             history[row["_step"]] = row
         elif kind == "summary":
             summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.summary.update})
-    assert config["model.n_layer"] == 2 and config["run.name"] == "tiny"
+    assert config.get("model.n_layer") == 2 and config.get("run.name") == "tiny", (config, kinds)
     assert {s: r["loss"] for s, r in history.items()} == {1: 4.0, 2: 3.5, 3: 3.0}
     assert "grad_norm" not in history[2] and history[3]["val_loss"] == 3.25
     assert summary["checkpoint/latest"] == "step_00000003"
@@ -189,3 +191,20 @@ def test_run_summary_without_eval_or_checkpoints(tmp_path):
     assert printed[0].startswith(f"run stopped by a signal: {tmp_path} at step 4 (4 steps in 0:00:00)")
     assert printed[2].startswith("validation loss: not evaluated")
     assert printed[3] == f"checkpoints: none in {tmp_path / 'ckpt'}" and len(printed) == 4
+
+
+@pytest.mark.timeout(120)
+def test_real_one_process_run_reaches_tensorboard(tiny_data, tmp_path):
+    """The loop's own save events reach the tracker (SinkCallback.on_save), end to end."""
+    pytest.importorskip("tensorboard")
+    from helpers import tiny_overrides, train
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(tiny_overrides(tiny_data, out, **{"train.max_steps": 3, "checkpoint.every": 2,
+                                            "logging.trackers": ["tensorboard"]}), nproc=1, timeout=100)
+    ea = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("loss")] == [1, 2, 3]
+    texts = [(t.step, t.tensor_proto.string_val[0].decode().split()[0]) for t in ea.Tensors("checkpoint/text_summary")]
+    assert texts == [(2, "step_00000002"), (3, "step_00000003")]
