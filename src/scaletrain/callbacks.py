@@ -98,5 +98,10 @@ class SinkCallback(Callback):
     def on_step_end(self, run: RunInfo, state: Any, record: dict[str, Any]) -> None:
         self.sink.log(record, console="step_ms" in record or "val_loss" in record)
 
+    def on_save(self, run: RunInfo, state: Any, tag_dir: Path) -> None:
+        log_checkpoint = getattr(self.sink, "log_checkpoint", None)  # trackers record the tag
+        if log_checkpoint is not None:
+            log_checkpoint(state.step, tag_dir)
+
     def on_train_end(self, run: RunInfo, state: Any, result: Any) -> None:
         self.sink.close()

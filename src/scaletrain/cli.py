@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "scaletrain.checkpoint.inspect",
     "scaletrain.prepare",
     "scaletrain.sweep",
+    "scaletrain.plot",
 )
 
 

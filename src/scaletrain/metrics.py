@@ -1,7 +1,9 @@
 """Where step records go: `metrics.jsonl` and a rich console on rank 0, optional trackers, and a
 sink that does nothing on every other rank (so call sites never branch on rank).
 
-Never runs a collective. Imports: rich, `scaletrain.config`.
+Also the end-of-run summary (`run_summary`, printed by `SummaryCallback`).
+Never runs a collective. Imports: rich, `scaletrain.config`, `scaletrain.callbacks`,
+`scaletrain.checkpoint.layout`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +21,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from scaletrain.callbacks import Callback, RunInfo
+from scaletrain.checkpoint import layout
 from scaletrain.config import LoggingConfig
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,7 @@ class NullSink:
 
     def start(self, total_steps: int, first_step: int) -> None: ...
     def log(self, record: dict[str, Any], *, console: bool) -> None: ...
+    def log_checkpoint(self, step: int, tag_dir: Path) -> None: ...
     def close(self) -> None: ...
 
 
@@ -128,6 +134,11 @@ class RankZeroSink:
             else:
                 self.console.print(line, highlight=False)
 
+    def log_checkpoint(self, step: int, tag_dir: Path) -> None:
+        """A committed (or queued) checkpoint tag: every tracker records its name and path."""
+        for tracker in self._trackers:
+            tracker.log_checkpoint(step, Path(tag_dir).name, str(tag_dir))
+
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
@@ -136,57 +147,130 @@ class RankZeroSink:
         self._file.close()
 
 
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config to one level with dotted keys (`model.n_layer`). Values a tracker can show as
+    they are (bool, int, float, str) stay; None, lists and anything else become their JSON text."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, name + "."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value, default=str)
+    return flat
+
+
+def _numeric(rec: dict[str, Any]) -> dict[str, float]:
+    """The record's numbers, without `step` (the x axis) and flags (booleans)."""
+    return {k: float(v) for k, v in rec.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 class _TensorBoard:
-    def __init__(self, run_dir: Path) -> None:
+    """Event files in `<run_dir>/tb/`: one scalar per metric by step, the flattened config as hparams
+    (the HPARAMS tab), and a text entry `checkpoint` per saved tag."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
 
         self.w = SummaryWriter(str(run_dir / "tb"))
+        # add_hparams would open a second event folder; writing the three summaries here keeps one run.
+        for summary in hparams(flatten_config(config), {}):
+            self.w.file_writer.add_summary(summary)
 
     def log(self, rec: dict[str, Any]) -> None:
-        for k, v in rec.items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                self.w.add_scalar(k, v, rec["step"])
+        for k, v in _numeric(rec).items():
+            self.w.add_scalar(k, v, rec["step"])
+
+    def log_checkpoint(self, step: int, tag: str, path: str) -> None:
+        self.w.add_text("checkpoint", f"{tag} {path}", step)
+        self.w.flush()
 
     def close(self) -> None:
         self.w.close()
 
 
-class _MLflow:
-    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
-        import mlflow
+def mlflow_tracking_uri(run_dir: Path) -> str:
+    """`MLFLOW_TRACKING_URI` when set, else a SQLite store in `<run_dir>/mlruns/mlflow.db` (MLflow 3
+    refuses its old plain-file store unless told otherwise)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(run_dir) / 'mlruns').resolve()}/mlflow.db"
 
-        self.m = mlflow
-        mlflow.start_run(run_name=config["run"]["name"])
-        mlflow.log_dict(config, "config.json")
+
+class _MLflow:
+    """One MLflow run per invocation, in experiment `scaletrain` of `mlflow_tracking_uri(run_dir)`:
+    the flattened config as params, every metric by step, a tag `checkpoint.<tag>` per saved tag and
+    `config.json` as an artifact. Uses a client bound to that store, never MLflow's global state."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param
+
+        self._metric = Metric
+        uri = mlflow_tracking_uri(run_dir)
+        if uri.startswith("sqlite:///"):
+            (Path(run_dir) / "mlruns").mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name("scaletrain")
+        if exp is not None:
+            exp_id = exp.experiment_id
+        elif uri.startswith("sqlite:///"):
+            artifacts = (Path(run_dir) / "mlruns" / "artifacts").resolve().as_uri()
+            exp_id = self.client.create_experiment("scaletrain", artifact_location=artifacts)
+        else:
+            exp_id = self.client.create_experiment("scaletrain")
+        self.run_id = self.client.create_run(exp_id, run_name=config.get("run", {}).get("name")).info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in flatten_config(config).items()]
+        for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        self.client.log_dict(self.run_id, config, "config.json")
 
     def log(self, rec: dict[str, Any]) -> None:
-        nums = {k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float)) and v is not None}
-        self.m.log_metrics(nums, step=rec["step"])
+        now = int(time.time() * 1000)
+        metrics = [self._metric(k, v, now, int(rec["step"])) for k, v in _numeric(rec).items()]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def log_checkpoint(self, step: int, tag: str, path: str) -> None:
+        self.client.set_tag(self.run_id, f"checkpoint.{tag}", path)
+        self.client.set_tag(self.run_id, "checkpoint.latest", tag)
 
     def close(self) -> None:
-        self.m.end_run()
+        self.client.set_terminated(self.run_id)
 
 
 class _WandB:
+    """A W&B run in `<run_dir>/wandb/`, offline unless `WANDB_MODE` says otherwise (`wandb sync`
+    uploads it later): the flattened config, every metric by step, and per saved tag a summary entry
+    `checkpoint/<tag>` (the path) plus `checkpoint/latest`."""
+
     def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
         import wandb
 
-        self.run = wandb.init(name=config["run"]["name"], dir=str(run_dir), config=config)
+        settings = wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True)
+        self.run = wandb.init(name=config.get("run", {}).get("name"), dir=str(run_dir), config=flatten_config(config),
+                              mode=os.environ.get("WANDB_MODE", "offline"), project=os.environ.get(
+                                  "WANDB_PROJECT", "scaletrain"), settings=settings)
 
     def log(self, rec: dict[str, Any]) -> None:
-        self.run.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+        self.run.log(_numeric(rec), step=int(rec["step"]))
+
+    def log_checkpoint(self, step: int, tag: str, path: str) -> None:
+        self.run.summary[f"checkpoint/{tag}"] = path
+        self.run.summary["checkpoint/latest"] = tag
 
     def close(self) -> None:
         self.run.finish()
 
 
+_TRACKERS = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _WandB}
+
+
 def _make_tracker(name: str, run_dir: Path, config: dict[str, Any]):
     try:
-        if name == "tensorboard":
-            return _TensorBoard(run_dir)
-        if name == "mlflow":
-            return _MLflow(run_dir, config)
-        return _WandB(run_dir, config)
+        return _TRACKERS[name](run_dir, config)
     except ImportError:
         log.warning("logging.trackers: %s is not installed (pip install 'scaletrain[%s]'); skipping it", name, name)
         return None
@@ -214,3 +298,79 @@ class Throughput:
         out = {"tokens_per_s": self._tokens / dt, "step_ms": 1000 * dt / max(self._steps, 1)}
         self._t, self._tokens, self._steps = now, 0, 0
         return out
+
+
+def _hms(seconds: float) -> str:
+    m, sec = divmod(round(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{sec:02d}"
+
+
+def run_summary(run_dir: Path, *, first_step: int, last_step: int, wall_s: float, tokens: int,
+                final_val_loss: float | None, best_val_loss: float | None, ended: str = "finished") -> list[str]:
+    """The lines printed at the end of a run: steps, wall time, tokens, final and best validation
+    loss, the latest and best checkpoints (from `<run_dir>/ckpt`'s pointers) and the command that
+    exports the latest one (and the best one when it differs). `tokens` is the run's total so far."""
+    run_dir = Path(run_dir)
+    ckpt = run_dir / "ckpt"
+    done = last_step - first_step
+    lines = [f"run {ended}: {run_dir} at step {last_step} ({done} step{'s' if done != 1 else ''} in {_hms(wall_s)}"
+             + (f", resumed from step {first_step})" if first_step else ")")]
+    rate = f" ({tokens / wall_s:,.0f} tokens/s over this invocation's wall time)" if wall_s > 0 and done else ""
+    lines.append(f"tokens: {tokens:,}{rate}")
+    if final_val_loss is None and best_val_loss is None:
+        lines.append("validation loss: not evaluated (train.eval_steps=0 or no evaluation step reached)")
+    else:
+        final = "-" if final_val_loss is None else f"{final_val_loss:.4f}"
+        best = "-" if best_val_loss is None else f"{best_val_loss:.4f}"
+        lines.append(f"validation loss: final {final}, best {best}")
+    latest, best_tag = layout.read_pointer(ckpt), layout.read_pointer(ckpt, layout.BEST_FILE)
+    if latest is None:
+        lines.append(f"checkpoints: none in {ckpt}")
+        return lines
+    lines.append(f"checkpoint latest: {ckpt / latest}")
+    if best_tag is not None:
+        lines.append(f"checkpoint best:   {ckpt / best_tag}")
+    for tag in dict.fromkeys(t for t in (latest, best_tag) if t is not None):
+        out = run_dir / "consolidated" / f"{tag}.safetensors"
+        lines.append(f"export {tag}: scaletrain consolidate {shlex.quote(str(ckpt / tag))} --out {shlex.quote(str(out))}")
+    return lines
+
+
+class SummaryCallback(Callback):
+    """Prints `run_summary` on rank 0 when a run ends normally (not after an error). The loop adds it
+    to its callback list after the sink: `CallbackList([SinkCallback(...), SummaryCallback(), *user])`;
+    it reads `state.step`, `state.tokens`, `state.best_val_loss` and the result's `final_val_loss`,
+    `preempted`, `stopped`. Wall time runs from `on_train_start`. Local; rank 0 writes, via logging."""
+
+    def __init__(self, printer: Any = None) -> None:
+        self._print = printer or log.info
+        self._t0 = time.perf_counter()
+        self._first_step = 0
+
+    def on_train_start(self, run: RunInfo, state: Any) -> None:
+        self._t0 = time.perf_counter()
+        self._first_step = state.step
+
+    def on_train_end(self, run: RunInfo, state: Any, result: Any) -> None:
+        if result is None or not run.is_main:
+            return
+        ended = ("stopped by a signal" if getattr(result, "preempted", False)
+                 else "stopped by a callback" if getattr(result, "stopped", False) else "finished")
+        for line in run_summary(run.run_dir, first_step=self._first_step, last_step=state.step,
+                                wall_s=time.perf_counter() - self._t0, tokens=state.tokens,
+                                final_val_loss=getattr(result, "final_val_loss", None),
+                                best_val_loss=state.best_val_loss, ended=ended):
+            self._print(line)
+
+
+def layer_norm_record(norms: dict[str, float]) -> dict[str, Any]:
+    """Per-layer gradient norms (`engine.layer_grad_norms()`) as record fields: `grad_norm/<layer>`
+    for each, plus `grad_norm_max_layer` (the name of the largest; a string, so JSONL keeps it and
+    trackers skip it). The loop merges this into the step's record: `record.update(...)`."""
+    if not norms:
+        return {}
+    out: dict[str, Any] = {f"grad_norm/{k}": v for k, v in norms.items()}
+    finite = {k: v for k, v in norms.items() if math.isfinite(v)}
+    if finite:
+        out["grad_norm_max_layer"] = max(finite, key=finite.__getitem__)
+    return out

@@ -9,7 +9,7 @@ from the pure schedule, so the curve equals DDP's; no DeepSpeed scheduler), and 
 Checkpoints are DeepSpeed's own files in `<tag>/deepspeed/`, written, read (with `weights_only=True`)
 and converted for another world size by `scaletrain.checkpoint.deepspeed_state`.
 
-Imports: torch, deepspeed, `scaletrain.engines.base`, `scaletrain.checkpoint`, `scaletrain.config`,
+Imports: torch, deepspeed, `scaletrain.engines.base`, `scaletrain.engines.grads`, `scaletrain.checkpoint`, `scaletrain.config`,
 `scaletrain.ds_config`, `scaletrain.errors`, `scaletrain.materialize`, `scaletrain.optim`.
 """
 
@@ -32,6 +32,7 @@ from scaletrain.checkpoint.weights import canonical_name
 from scaletrain.config import DeepSpeedConfig, OptimConfig
 from scaletrain.ds_config import HARNESS_SECTIONS, offload_on
 from scaletrain.engines.base import Engine, EngineSpec, StepStats
+from scaletrain.engines.grads import layer_grad_norms
 from scaletrain.errors import ConfigError, TrainingError
 from scaletrain.materialize import (
     WeightsSource,
@@ -132,6 +133,26 @@ class DeepSpeedEngine(Engine):
         scale = float(self.optimizer.loss_scale) if self.spec.precision == "fp16" else None
         return StepStats(grad_norm=norm, lr=lr, skipped=skipped, loss_scale=scale)
 
+    def layer_grad_norms(self) -> dict[str, float]:
+        """Collective (one all-reduce). L2 gradient norm per layer group (`engines.grads.layer_key`)
+        from each rank's own gradient partition: ZeRO-1/2 the fragment of the partitioned gradient
+        this rank owns, ZeRO-3 `safe_get_local_grad` (never the gathering `safe_get_full_grad`), so
+        each element is counted once with weight 1; fp16 loss scale removed, before clipping.
+
+        Call it after the last micro-batch's backward (the boundary, where DeepSpeed reduces and
+        partitions) and before `step`, which consumes the gradients; on every rank."""
+        world = self.ctx.world_size
+        pieces = []
+        for name, p in self._raw.named_parameters():
+            if not p.requires_grad:
+                continue
+            grad, weight = _local_grad(p), 1.0
+            if grad is None and p.grad is not None and not hasattr(p, "ds_id") and not hasattr(p, "_hp_mapping"):
+                grad, weight = p.grad, 1.0 / world  # not partitioned: every rank holds the same gradient
+            pieces.append((canonical_name(name), grad, weight))
+        scale = float(self.optimizer.loss_scale) if self.spec.precision == "fp16" else 1.0
+        return layer_grad_norms(pieces, self.ctx.device, scale=scale)
+
     @contextlib.contextmanager
     def _grad_scale(self, factor: float) -> Iterator[None]:
         """Multiply this step's gradients by `factor` inside DeepSpeed's own unscale-and-clip.
@@ -189,6 +210,20 @@ class DeepSpeedEngine(Engine):
             b = buffers[name].detach().cpu()
             out[canonical_name(name)] = (b.float() if b.is_floating_point() else b).clone()
         return out if self.ctx.is_main else {}
+
+
+def _local_grad(p: nn.Parameter) -> torch.Tensor | None:
+    """This rank's own piece of a ZeRO-partitioned gradient (None when it owns none of it)."""
+    if hasattr(p, "ds_id"):  # ZeRO-3
+        return deepspeed.utils.safe_get_local_grad(p)
+    mapping = getattr(p, "_hp_mapping", None)  # ZeRO-1/2: the fragment of this rank's partition
+    if mapping is None:
+        return None
+    frag = mapping.get_lp_grad_fragment(p._index_in_param_group).flatten()
+    address = mapping.lp_fragment_address
+    if frag.numel() == p.numel() and address.numel != p.numel():  # a whole-size buffer: keep our slice
+        frag = frag.narrow(0, address.start, address.numel)
+    return frag
 
 
 def build_zero3(factory: Callable[[], nn.Module], config: dict[str, Any], *, seed: int,

@@ -8,6 +8,11 @@ tensor (DDP, or a parameter tensor parallel leaves replicated) is held by every 
 k/world. Summed over the world, every distinct element counts exactly once, for DDP, every FSDP
 strategy (hybrid replicas are not double counted), tensor parallel and their compositions.
 
+Per-layer norms (`layer_grad_norms`) use the same weighting, one squared sum per group of
+parameters, all groups in one all-reduce. A group is a parameter name up to its first numeric part
+(`blocks.3.attn.qkv.weight` -> `blocks.3`, `model.layers.0.mlp.up.weight` -> `model.layers.0`), else
+the module that owns it (`wte.weight` -> `wte`, `model.norm.weight` -> `model.norm`).
+
 The loss scaler follows torch.amp.GradScaler's defaults and rules (scale 2**16, halve on overflow,
 double after 2000 clean steps) but decides overflow from that global norm, so under FSDP and TP every
 rank skips the same steps: a per-shard inf check would let ranks disagree.
@@ -63,6 +68,61 @@ def global_grad_norm(params: Iterable[nn.Parameter], device: torch.device) -> to
     if world > 1:
         tdist.all_reduce(sq)  # collective: every rank gets the same norm, so the same skip decision
     return sq.sqrt()
+
+
+def layer_key(name: str) -> str:
+    """The group a parameter belongs to, by name (see the module docstring)."""
+    parts = [p for p in name.split(".") if p not in ("module", "_orig_mod", "_fsdp_wrapped_module",
+                                                       "_checkpoint_wrapped_module")]
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return ".".join(parts[:-1]) or parts[0]
+
+
+def layer_grad_norms(pieces: Iterable[tuple[str, torch.Tensor | None, float]], device: torch.device, *,
+                     scale: float = 1.0) -> dict[str, float]:
+    """Collective (one all-reduce). L2 gradient norm per layer group over the whole world.
+
+    `pieces` are (parameter name, this rank's gradient piece or None, weight), in the same order on
+    every rank (so every rank lists the same groups); a weight is the share of the world holding a
+    different copy of that piece (see the module docstring; a DeepSpeed partition owned by one rank
+    has weight 1). Gradients still multiplied by a loss scale are divided by `scale`. Local pieces are
+    reduced where they live, so offloaded gradients do not move whole."""
+    world = tdist.get_world_size() if tdist.is_initialized() else 1
+    index: dict[str, int] = {}
+    partial: list[torch.Tensor] = []
+    for name, grad, weight in pieces:
+        key = layer_key(name)
+        if key not in index:
+            index[key] = len(index)
+            partial.append(torch.zeros((), dtype=torch.float32, device=device))
+        if grad is not None and grad.numel():
+            local = grad.to_local() if isinstance(grad, DTensor) else grad
+            norm = torch.linalg.vector_norm(local, dtype=torch.float32).to(device)
+            partial[index[key]] = partial[index[key]] + norm.square() * weight
+    if not partial:
+        return {}
+    sq = torch.stack(partial)
+    if world > 1:
+        tdist.all_reduce(sq)
+    norms = (sq.sqrt() / scale).tolist()
+    return {key: norms[i] for key, i in index.items()}
+
+
+def torch_grad_pieces(named_params: Iterable[tuple[str, nn.Parameter]]) -> list[tuple[str, torch.Tensor | None, float]]:
+    """(name, gradient, weight) of plain and DTensor gradients (DDP, FSDP2, tensor parallel)."""
+    world = tdist.get_world_size() if tdist.is_initialized() else 1
+    out: list[tuple[str, torch.Tensor | None, float]] = []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            out.append((name, None, 0.0))
+        else:
+            local, weight = _local_and_weight(p.grad, world)
+            out.append((name, local, weight))
+    return out
 
 
 def clip_grads_(params: Iterable[nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:

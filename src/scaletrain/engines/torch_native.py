@@ -26,7 +26,14 @@ from scaletrain import parallel
 from scaletrain.checkpoint import torch_state
 from scaletrain.config import DDPConfig, FSDPConfig
 from scaletrain.engines.base import Engine, EngineSpec, StepStats
-from scaletrain.engines.grads import LossScaler, clip_grads_, global_grad_norm, local_grads
+from scaletrain.engines.grads import (
+    LossScaler,
+    clip_grads_,
+    global_grad_norm,
+    layer_grad_norms,
+    local_grads,
+    torch_grad_pieces,
+)
 from scaletrain.materialize import build_initialized, build_on_meta, materialize
 
 log = logging.getLogger(__name__)
@@ -128,6 +135,15 @@ class TorchNativeEngine(Engine):
             scale = self.scaler.scale
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(grad_norm=value, lr=lr, skipped=skipped, loss_scale=scale)
+
+    def layer_grad_norms(self) -> dict[str, float]:
+        """Collective (one all-reduce). L2 gradient norm per layer group (`engines.grads.layer_key`:
+        `blocks.3`, `wte`, `ln_f`, ...) over all shards, fp16 loss scale removed, before clipping.
+
+        Call it after the last micro-batch's backward and before `step` (which clips and zeroes the
+        gradients), on every rank; the loop does so every `logging.grad_norm_every` steps."""
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        return layer_grad_norms(torch_grad_pieces(self._raw.named_parameters()), self.ctx.device, scale=scale)
 
     # ------------------------------------------------------------------ checkpoints
 
