@@ -128,12 +128,11 @@ def _measure(args: argparse.Namespace, ctx) -> dict[str, Any]:
         for _ in range(n):
             micro = source.train_micro_batches(state.step)
             lr = lr_at(state.step, peak=cfg.optim.lr, cfg=cfg.schedule, max_steps=cfg.train.max_steps)
-            loss, stats, counted, _ = train_step(engine, micro, ctx, lr, objective,
-                                                 reference_count=source.reference_count,
-                                                 dp_size=plan.batch.world_size, votes=(False, False))
-            state.record_step(skipped=stats.skipped, tokens=round(counted))
-            speed.add(round(counted))
-            record = _record(state, loss, stats)
+            out = train_step(engine, micro, ctx, lr, objective, reference_count=source.reference_count,
+                             dp_size=plan.batch.world_size, votes=(False, False))
+            state.record_step(skipped=out.stats.skipped, tokens=round(out.count))
+            speed.add(round(out.count))
+            record = _record(state, out.loss, out.stats)
             if state.step % cfg.train.log_every == 0:
                 record.update(speed.report())
             callbacks.step_end(info, state, record)

@@ -8,7 +8,7 @@ Rank-0-only work is limited to the metrics sink and the checkpoint manifest; eva
 rank (a rank-0-only forward hangs FSDP and ZeRO-3).
 Imports: `scaletrain.config`, `scaletrain.data`, `scaletrain.sources`, `scaletrain.objective`, `scaletrain.hooks`,
 `scaletrain.dist`, `scaletrain.engines`, `scaletrain.checkpoint`, `scaletrain.callbacks`, `scaletrain.train_state`,
-`scaletrain.metrics`, `scaletrain.model`, `scaletrain.optim`, `scaletrain.runlock`, `scaletrain.errors`,
+`scaletrain.metrics`, `scaletrain.flops`, `scaletrain.plot` (logging.plot), `scaletrain.model`, `scaletrain.optim`, `scaletrain.runlock`, `scaletrain.errors`,
 `scaletrain.materialize` (the `model.init_from` check), `scaletrain.sweep` (only in a sweep trial).
 """
 
@@ -21,7 +21,7 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -32,8 +32,9 @@ from scaletrain.checkpoint.manager import CheckpointManager
 from scaletrain.config import Config, TrainConfig, resolve_grad_accum
 from scaletrain.engines import Engine, EngineSpec, registry
 from scaletrain.errors import ConfigError, TrainingError
+from scaletrain.flops import MFUMeter
 from scaletrain.hooks import import_callable
-from scaletrain.metrics import Throughput, make_sink, truncate_metrics
+from scaletrain.metrics import SummaryCallback, Throughput, layer_norm_record, make_sink, truncate_metrics
 from scaletrain.model import build_model, count_params
 from scaletrain.objective import HookError, Objective, is_causal_lm, to_device
 from scaletrain.optim import build_adamw, lr_at
@@ -267,9 +268,17 @@ def evaluate(engine: Engine, source: Any, objective: Objective, num_batches: int
     return (values[0] / values[1] if values[1] else math.nan), out
 
 
+class StepOutcome(NamedTuple):
+    loss: float  # the global batch's loss: summed over every counted item of every rank, / count
+    stats: Any  # the engine's StepStats
+    count: float  # items the global batch counted (tokens, or examples)
+    votes: list[float]  # each vote summed over ranks
+    layer_norms: dict[str, float] | None  # per-layer gradient norms when asked for, before clipping
+
+
 def train_step(engine: Engine, micro: list, ctx: dist.DistContext, lr: float, objective: Objective,
-               *, reference_count: float, dp_size: int,
-               votes: Sequence[bool] = ()) -> tuple[float, Any, float, list[float]]:
+               *, reference_count: float, dp_size: int, votes: Sequence[bool] = (),
+               layer_norms: bool = False) -> StepOutcome:
     """Collective. One optimizer step over this rank's micro-batches at learning rate `lr`.
 
     Each micro-batch's loss sum is back-propagated divided by a constant (`reference_count`, the
@@ -278,8 +287,8 @@ def train_step(engine: Engine, micro: list, ctx: dist.DistContext, lr: float, ob
     gradient is then that of the global batch's loss sum / N, whatever each micro-batch counted.
     With token data every micro-batch counts reference_count tokens and the correction is exactly 1.
 
-    Returns (global loss, StepStats, global count, each vote summed over ranks). One collective
-    besides the engine's own: the loss, the count and the stop votes (signal, callback) travel together.
+    One collective besides the engine's own: the loss, the count and the stop votes (signal,
+    callback) travel together. With `layer_norms`, one more (the engine's per-layer norms).
     """
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     count = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -297,8 +306,11 @@ def train_step(engine: Engine, micro: list, ctx: dist.DistContext, lr: float, ob
     total, n_total = total / replicas, n_total / replicas
     loss_value = total / n_total if n_total else math.nan
     grad_scale = dp_size * len(micro) * reference_count / n_total if n_total else 1.0
+    layers = None
+    if layer_norms:  # after the last backward, before step clips and zeroes; scaled like the step will
+        layers = {k: v * grad_scale for k, v in engine.layer_grad_norms().items()}
     stats = engine.step(lr, force_skip=not math.isfinite(loss_value), grad_scale=grad_scale)
-    return loss_value, stats, n_total, summed
+    return StepOutcome(loss_value, stats, n_total, summed, layers)
 
 
 class _Run:
@@ -314,7 +326,10 @@ class _Run:
         self.state = self._resume()
         # After resume: truncating metrics.jsonl replaces the file, so the sink opens the new one.
         self.callbacks = CallbackList([SinkCallback(make_sink(ctx.is_main, cfg.run.out_dir, cfg.logging,
-                                                              self.info.config)), *callbacks])
+                                                              self.info.config)), SummaryCallback(), *callbacks])
+        self.mfu = MFUMeter.for_run(self.engine.module, cfg.model.block_size, ctx.device, cfg.precision,
+                                    allow_tf32=cfg.train.allow_tf32, override=cfg.logging.peak_tflops,
+                                    world_size=ctx.world_size)
         self.source = make_source(plan, ctx)
 
     def _resume(self) -> TrainState:
@@ -431,6 +446,10 @@ def _train_locked(plan: RunPlan, ctx: dist.DistContext, callbacks: Sequence[Call
     result.best_val_loss = run.state.best_val_loss
     result.latest_checkpoint, result.best_checkpoint = run.ckpt.pointers()
     run.callbacks.train_end(run.info, run.state, result)
+    if cfg.logging.plot and ctx.is_main:
+        from scaletrain.plot import write_curves
+
+        write_curves(cfg.run.out_dir)
     return result
 
 
@@ -449,16 +468,22 @@ def _steps(run: _Run, stop: StopRequest, result: RunResult) -> None:
     dp = run.plan.batch.world_size
     while state.step < cfg.train.max_steps:
         micro = run.source.train_micro_batches(state.step)
-        loss, stats, counted, (signals, asks) = train_step(
-            run.engine, micro, ctx, run.lr(state.step), run.objective,
-            reference_count=run.source.reference_count, dp_size=dp, votes=(stop.requested, run.callbacks.stop_vote))
-        state.record_step(skipped=stats.skipped, tokens=round(counted))
-        speed.add(round(counted))
+        every = cfg.logging.grad_norm_every
+        out = train_step(run.engine, micro, ctx, run.lr(state.step), run.objective,
+                         reference_count=run.source.reference_count, dp_size=dp,
+                         votes=(stop.requested, run.callbacks.stop_vote),
+                         layer_norms=bool(every) and (state.step + 1) % every == 0)
+        stats, (signals, asks) = out.stats, out.votes
+        state.record_step(skipped=stats.skipped, tokens=round(out.count))
+        speed.add(round(out.count))
         done = state.step
-        record = _record(state, loss, stats)
+        record = _record(state, out.loss, stats)
+        if out.layer_norms:
+            record.update(layer_norm_record(out.layer_norms))
         is_last = done == cfg.train.max_steps or done == cfg.train.stop_at
         if done % cfg.train.log_every == 0 or is_last or stats.skipped:
             record.update(speed.report())
+            run.mfu.add_to(record)
             record["eta_s"] = (cfg.train.max_steps - done) * record["step_ms"] / 1000
         val_loss, improved = None, False
         if cfg.train.eval_steps and (is_last or (cfg.train.eval_every and done % cfg.train.eval_every == 0)):

@@ -126,6 +126,11 @@ class Engine(ABC):
         `force_skip`), zero gradients. The loop owns the schedule and the step count; engines hold no
         clock."""
 
+    @abstractmethod
+    def layer_grad_norms(self) -> dict[str, float]:
+        """Collective. L2 gradient norm per layer group over all shards, before clipping; call after the
+        last micro-batch's backward and before `step` (which clips and zeroes the gradients)."""
+
     # ------------------------------------------------------------------ checkpoints
 
     @abstractmethod
