@@ -484,6 +484,9 @@ def _steps(run: _Run, stop: StopRequest, result: RunResult) -> None:
         if done % cfg.train.log_every == 0 or is_last or stats.skipped:
             record.update(speed.report())
             run.mfu.add_to(record)
+            if ctx.device_type == "cuda":  # host-side counters: no device sync
+                record["max_mem_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+                torch.cuda.reset_peak_memory_stats(ctx.device)
             record["eta_s"] = (cfg.train.max_steps - done) * record["step_ms"] / 1000
         val_loss, improved = None, False
         if cfg.train.eval_steps and (is_last or (cfg.train.eval_every and done % cfg.train.eval_every == 0)):

@@ -90,6 +90,12 @@ def _fmt(record: dict[str, Any]) -> str:
                      ("tokens_per_s", ",.0f"), ("step_ms", ".1f")):
         if key in record and record[key] is not None:
             parts.append(f"{key} {record[key]:{fmt}}")
+    for key, value in record.items():  # eval.metrics_fn's metrics, e.g. val_accuracy
+        if key.startswith("val_") and key != "val_loss" and isinstance(value, float):
+            parts.append(f"{key} {value:.4f}")
+    for key in ("mfu", "max_mem_gb"):
+        if record.get(key) is not None:
+            parts.append(f"{key} {record[key]:.3f}")
     if record.get("eta_s") is not None and record["eta_s"] > 0:
         m, sec = divmod(int(record["eta_s"]), 60)
         parts.append(f"eta {m // 60}:{m % 60:02d}:{sec:02d}")

@@ -34,3 +34,15 @@ def test_user_factory_contract():
 def test_bad_factories(spec, needle):
     with pytest.raises(ConfigError, match=needle):
         build_model(ModelConfig(factory=spec), vocab_size=20)
+
+
+def test_hf_models_take_their_blocks_from_no_split_modules():
+    transformers = pytest.importorskip("transformers")
+    from scaletrain.model import block_classes
+    from scaletrain.parallel import model_blocks
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    model = transformers.LlamaForCausalLM(cfg)
+    assert [c.__name__ for c in block_classes(model)] == ["LlamaDecoderLayer"]
+    assert len(model_blocks(model)) == 3
