@@ -35,13 +35,16 @@ def _norms(rank: int, world: int, specs: list[str]) -> dict:
                               optimizer_factory=lambda m, cfg=cfg: build_adamw(m, cfg.optim, device_type="cpu"))
             torch.manual_seed(cfg.run.seed)
             engine = registry.build_engine(spec, cfg)
+            from scaletrain.objective import TokenBatch, lm_loss_sum
+
             for micro in range(2):  # two micro-batches: the norms must see the accumulated gradient
                 def rows(r: int, micro=micro):
                     return torch.randint(VOCAB, (2, 17), generator=torch.Generator().manual_seed(10 * micro + r))
 
                 x = torch.cat([rows(0), rows(1)]) if tp > 1 else rows(rank)
                 with engine.accumulate(is_boundary=micro == 1):
-                    engine.backward(engine.forward((x[:, :-1], x[:, 1:])))
+                    y = x[:, 1:]
+                    engine.backward(lm_loss_sum(engine.forward(TokenBatch(x[:, :-1], y)), y) / y.numel())
             layers = engine.layer_grad_norms()
             stats = engine.step(1e-2)
             out[spec_name] = {"layers": layers, "global": stats.grad_norm}
