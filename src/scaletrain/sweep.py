@@ -19,7 +19,7 @@ space.toml holds one table per dotted config key:
     ["optim.lr"]            type = "float", low = 1e-4, high = 1e-1, log = true
     ["train.micro_batch_size"] type = "int", low = 2, high = 8  (optional step, log)
     ["schedule.kind"]       type = "categorical", choices = ["cosine", "wsd"]
-Imports: optuna (lazily), `scaletrain.callbacks`, `scaletrain.config`, `scaletrain.errors`.
+Imports: optuna (lazily), `scaletrain.callbacks`, `scaletrain.config`, `scaletrain.engines.registry` (--backend), `scaletrain.errors`.
 """
 
 from __future__ import annotations
@@ -345,6 +345,10 @@ def _table(study: Any) -> str:
 
 def run_sweep(args: argparse.Namespace) -> int:
     optuna = _optuna()
+    if args.backend:  # a registry spec (ddp, fsdp:hybrid_shard, deepspeed:3+offload, ...) for every trial
+        from scaletrain.engines.registry import spec_overrides
+
+        args.overrides = [*(f"{k}={v}" for k, v in spec_overrides(args.backend).items()), *args.overrides]
     space = load_space(args.space)
     check_space(space, args.config, args.overrides)
     name = args.study or (Path(args.config).stem if args.config else "sweep")
@@ -399,6 +403,7 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite in the output folder)")
     p.add_argument("--out", type=Path, help="output folder (default: runs/sweep-<study>)")
     p.add_argument("--nproc", type=int, default=1, help="processes per trial (torchrun when > 1)")
+    p.add_argument("--backend", help="backend spec for every trial: ddp, fsdp[:strategy], tp:N, deepspeed[:stage][+offload]")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--pruner", choices=("median", "none"), default="median")
     p.add_argument("--pruner-startup-trials", type=int, default=1, help="trials completed before pruning starts")
