@@ -32,11 +32,14 @@ OFFLOAD_DEVICES = ("cpu", "nvme")
 # keeps every gathered parameter of a 150 M model alive, which made ZeRO-3's peak exceed DDP's.
 # 2.5e7 elements is 100 MB at fp32 (50 MB at bf16) per bucket: large enough for full-bandwidth
 # collectives, small beside a GPU's memory; 5e7 live elements cap what ZeRO-3 keeps gathered.
+# ZeRO-3 steps its optimizer one sub-group of the flat partition at a time, and each sub-group's step
+# makes a gradient copy and optimizer temporaries of its size: DeepSpeed's 1e9 default makes that the
+# whole partition at once; 2.5e7 keeps it at 100 MB (fp32).
 ZERO_MEMORY_DEFAULTS: dict[int, dict[str, float]] = {
     1: {"reduce_bucket_size": 2.5e7, "allgather_bucket_size": 2.5e7},
     2: {"reduce_bucket_size": 2.5e7, "allgather_bucket_size": 2.5e7},
     3: {"reduce_bucket_size": 2.5e7, "stage3_prefetch_bucket_size": 2.5e7, "stage3_max_live_parameters": 5e7,
-        "stage3_max_reuse_distance": 5e7, "stage3_param_persistence_threshold": 1e4},
+        "stage3_max_reuse_distance": 5e7, "stage3_param_persistence_threshold": 1e4, "sub_group_size": 2.5e7},
 }
 
 # Sections the harness replaces with its own objects: the engine builds AdamW (or DeepSpeedCPUAdam)

@@ -32,3 +32,24 @@ def test_plateau_cuts_on_a_flat_val_loss_across_a_resume(tiny_data, tmp_path):
     assert got == pytest.approx(expected, rel=1e-9)
     # flat loss, patience 1: cuts after the 3rd and 5th evaluations and after the 7th, both sides of step 4
     assert got == pytest.approx([peak] * 3 + [peak / 2] * 2 + [peak / 4] * 2 + [peak / 8], rel=1e-9)
+
+
+@pytest.mark.timeout(200)
+def test_plateau_decides_identically_on_every_rank_under_fit(tiny_data, tmp_path):
+    """scaletrain.fit as one rank under torchrun: both ranks see the same lr at every step, cuts included."""
+    import json
+
+    from helpers import BIN, REPO, child_env, run_cmd
+
+    out = tmp_path / "run"
+    over = tiny_overrides(tiny_data, out, **{
+        "train.max_steps": 6, "train.eval_every": 1, "optim.lr": 1e-9, "schedule.kind": "plateau",
+        "schedule.warmup_steps": 0, "schedule.min_lr": 1e-12, "schedule.patience": 1, "schedule.factor": 0.5})
+    prefix = tmp_path / "lr"
+    run_cmd([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "fit_script.py"),
+             str(prefix), *over], env=child_env(PYTHONPATH=str(REPO / "tests")), timeout=150, check=True)
+    ranks = [json.loads((tmp_path / f"lr.rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["lrs"] == ranks[1]["lrs"] and len(ranks[0]["lrs"]) == 6
+    assert len(set(ranks[0]["lrs"].values())) >= 2  # at least one cut happened, on both ranks alike
+    assert ranks[0]["last_step"] == ranks[1]["last_step"] == 6
+    assert ranks[0]["latest"].endswith("step_00000006")
