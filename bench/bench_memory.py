@@ -90,7 +90,8 @@ def _build_worker(args: argparse.Namespace) -> None:
         from scaletrain.engines.deepspeed_zero import build_zero3
 
         ds = resolve_ds_config(load_config(None, ["backend=deepspeed", "backend.deepspeed.stage=3",
-                                                  "train.micro_batch_size=1"]), world_size=ctx.world_size)
+                                                  "train.micro_batch_size=1"]), world_size=ctx.world_size,
+                                hidden_size=args.n_embd)
         ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
         model = build_zero3(factory, ds, seed=0, source=None)
     else:  # meta build, FSDP (or TP x FSDP) on meta, then each rank materialises its shard

@@ -58,11 +58,22 @@ class DeepSpeedEngine(Engine):
 
     checkpoint_format = "deepspeed"
 
-    def __init__(self, spec: EngineSpec, ds_cfg: DeepSpeedConfig, resolved: dict[str, Any], optim: OptimConfig):
-        # ds_cfg's stage and offload flags are already merged into `resolved` by scaletrain.ds_config.
+    def __init__(self, spec: EngineSpec, ds_cfg: DeepSpeedConfig, resolve: Callable[..., dict[str, Any]],
+                 optim: OptimConfig):
+        """`resolve(hidden_size=None)` gives the DeepSpeed config (`ds_config.resolve_ds_config`, with
+        ds_cfg's stage and offload flags merged in); ZeRO-3 asks again with the model's width."""
         super().__init__(spec)
         _quiet_deepspeed()
-        config = {k: v for k, v in resolved.items() if k not in HARNESS_SECTIONS}
+        config = _strip(resolve())
+        if int(config["zero_optimization"]["stage"]) == 3:
+            # One build on the meta device (no memory, no RNG): the model's width sizes ZeRO-3's buffers,
+            # and a factory's lazy imports (transformers resolves model classes on first use) run here,
+            # outside zero.Init's patched tensor constructors, where an import can fail.
+            try:
+                width = hidden_size(build_on_meta(spec.model_factory))
+            except ConfigError:  # a model that cannot be built on meta: DeepSpeed's own sizes then
+                width = None
+            config = _strip(resolve(width))
         zero = config["zero_optimization"]
         self.stage = int(zero["stage"])
         if config["gradient_accumulation_steps"] != spec.grad_accum:  # our invariant: both from resolve_grad_accum
@@ -226,6 +237,18 @@ def _local_grad(p: nn.Parameter) -> torch.Tensor | None:
     return frag
 
 
+def _strip(resolved: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resolved.items() if k not in HARNESS_SECTIONS}
+
+
+def hidden_size(model: nn.Module) -> int | None:
+    """The model's width: a HuggingFace config's `hidden_size`, else the first embedding's dimension."""
+    width = getattr(getattr(model, "config", None), "hidden_size", None)
+    if isinstance(width, int):
+        return width
+    return next((m.embedding_dim for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
 def build_zero3(factory: Callable[[], nn.Module], config: dict[str, Any], *, seed: int,
                 source: Path | None) -> nn.Module:
     """Collective. The model built inside `deepspeed.zero.Init`, so each parameter is partitioned as
@@ -238,11 +261,6 @@ def build_zero3(factory: Callable[[], nn.Module], config: dict[str, Any], *, see
     (peak: the largest tensor, once)."""
     # zero.Init reads the world from deepspeed.comm: wrap the harness's process group first (no new one).
     deepspeed.init_distributed(dist_init_required=False, auto_mpi_discovery=False, verbose=False)
-    # Factories import lazily (transformers resolves its model classes on first use), and an import under
-    # zero.Init's patched tensor constructors can fail: one build on the meta device first (no memory,
-    # no RNG) runs those imports outside it.
-    with contextlib.suppress(ConfigError):
-        build_on_meta(factory)
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = factory()
     reader = WeightsSource(source) if source is not None else None

@@ -100,8 +100,10 @@ def _build_deepspeed(spec: EngineSpec, cfg: Config) -> Engine:
     from scaletrain.ds_config import resolve_ds_config
     from scaletrain.engines.deepspeed_zero import DeepSpeedEngine
 
-    resolved = resolve_ds_config(cfg, world_size=spec.ctx.world_size)
-    return DeepSpeedEngine(spec, cfg.backend.deepspeed, resolved, cfg.optim)
+    def resolve(hidden_size: int | None = None) -> dict:
+        return resolve_ds_config(cfg, world_size=spec.ctx.world_size, hidden_size=hidden_size)
+
+    return DeepSpeedEngine(spec, cfg.backend.deepspeed, resolve, cfg.optim)
 
 
 BACKENDS: dict[str, Backend] = {
