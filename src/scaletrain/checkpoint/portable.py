@@ -360,6 +360,18 @@ def count_params(model: nn.Module) -> int:
     return len(_distinct_params(model))
 
 
+def zero_stage(tag_dir: Path, meta: dict[str, Any]) -> int | None:
+    """The ZeRO stage that wrote a DeepSpeed tag (meta.json's backend spec, else the files); None for
+    other tags."""
+    if layout.detect_format(tag_dir) != "deepspeed":
+        return None
+    spec = str(meta.get("backend_spec") or "")
+    if spec.startswith("deepspeed:") and spec[len("deepspeed:"):][:1].isdigit():
+        return int(spec[len("deepspeed:")])
+    ds_dir = tag_dir / layout.DEEPSPEED_DIR
+    return 3 if any(ds_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")) else 2
+
+
 def is_foreign(tag_dir: Path, own_format: str) -> bool:
     """Whether a tag's files are of the other family (DeepSpeed versus torch-native) than an engine's."""
     fmt = layout.detect_format(tag_dir)

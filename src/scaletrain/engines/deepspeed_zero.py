@@ -193,7 +193,9 @@ class DeepSpeedEngine(Engine):
         deepspeed_state.save(self._ds, path, client_state)
 
     def load_checkpoint(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-        if portable.is_foreign(path, self.checkpoint_format):  # a torch-native tag: converted on the way in
+        # A torch-native tag, or one of another ZeRO stage (DeepSpeed's loader reads only its own stage's
+        # partitions): converted on the way in.
+        if portable.is_foreign(path, self.checkpoint_format) or portable.zero_stage(path, meta) not in (None, self.stage):
             source = portable.open_source(path)
             moments = portable.restore_deepspeed(source, self._ds, self._raw)
             portable.notice(meta, f"deepspeed:{self.stage}" + ("+offload" if self.offload_optimizer else ""),
