@@ -257,7 +257,7 @@ def restore_torch(source: Source, model: nn.Module, optimizer: torch.optim.Optim
 
     with_moments = 0
     plan = _plan(source, model, lambda p: tuple(p.shape))
-    for (stored, p), entry in zip(plan, source.read([s for s, _ in plan]), strict=True):
+    for (_, p), entry in zip(plan, source.read([s for s, _ in plan]), strict=True):
         target = p.to_local() if isinstance(p, DTensor) else p
         target.copy_(local_piece(entry.tensors["param"], p).to(target.dtype))
         if not all(k in entry.tensors for k in MOMENTS):

@@ -194,8 +194,9 @@ class DeepSpeedEngine(Engine):
 
     def load_checkpoint(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         # A torch-native tag, or one of another ZeRO stage (DeepSpeed's loader reads only its own stage's
-        # partitions): converted on the way in.
-        if portable.is_foreign(path, self.checkpoint_format) or portable.zero_stage(path, meta) not in (None, self.stage):
+        # partitions), or any tag `scaletrain convert` hands over: converted on the way in.
+        if (meta.get("portable") or portable.is_foreign(path, self.checkpoint_format)
+                or portable.zero_stage(path, meta) not in (None, self.stage)):
             source = portable.open_source(path)
             moments = portable.restore_deepspeed(source, self._ds, self._raw)
             portable.notice(meta, f"deepspeed:{self.stage}" + ("+offload" if self.offload_optimizer else ""),
