@@ -34,7 +34,7 @@ SPECS = {
 def _over(data: Path, out: Path, name: str, nproc: int, **extra) -> list[str]:
     micro = GLOBAL // nproc if name != "tp2" else GLOBAL  # tp:2 on 2 processes is one data-parallel rank
     return tiny_overrides(data, out, **{"train.max_steps": STEPS, "checkpoint.every": 10,
-                                        "train.global_batch_size": GLOBAL, "train.micro_batch_size": micro,
+                                        "train.global_batch_size": GLOBAL, "train.micro_batch_size": micro, "optim.lr": 1e-2,
                                         **SPECS[name], **extra})
 
 
