@@ -21,6 +21,7 @@ log = logging.getLogger("scaletrain")
 # Subcommands that live beside the code they drive; each module defines `add_command(subparsers)`.
 COMMAND_MODULES = (
     "scaletrain.checkpoint.consolidate",
+    "scaletrain.checkpoint.convert",
     "scaletrain.checkpoint.inspect",
     "scaletrain.prepare",
     "scaletrain.sweep",

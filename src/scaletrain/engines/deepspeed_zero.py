@@ -7,7 +7,8 @@ not finite. What the harness keeps: the optimizer (torch AdamW over `optim.param
 from the pure schedule, so the curve equals DDP's; no DeepSpeed scheduler), and the step count.
 
 Checkpoints are DeepSpeed's own files in `<tag>/deepspeed/`, written, read (with `weights_only=True`)
-and converted for another world size by `scaletrain.checkpoint.deepspeed_state`.
+and converted for another world size by `scaletrain.checkpoint.deepspeed_state`; a tag of a
+PyTorch-native engine is converted on the way in by `scaletrain.checkpoint.portable`.
 
 Imports: torch, deepspeed, `scaletrain.engines.base`, `scaletrain.engines.grads`, `scaletrain.checkpoint`, `scaletrain.config`,
 `scaletrain.ds_config`, `scaletrain.errors`, `scaletrain.materialize`, `scaletrain.optim`.
@@ -27,7 +28,7 @@ import deepspeed
 import torch
 import torch.nn as nn
 
-from scaletrain.checkpoint import deepspeed_state
+from scaletrain.checkpoint import deepspeed_state, portable
 from scaletrain.checkpoint.weights import canonical_name
 from scaletrain.config import DeepSpeedConfig, OptimConfig
 from scaletrain.ds_config import HARNESS_SECTIONS, offload_on
@@ -203,6 +204,15 @@ class DeepSpeedEngine(Engine):
         deepspeed_state.save(self._ds, path, client_state)
 
     def load_checkpoint(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        # A torch-native tag, or one of another ZeRO stage (DeepSpeed's loader reads only its own stage's
+        # partitions), or any tag `scaletrain convert` hands over: converted on the way in.
+        if (meta.get("portable") or portable.is_foreign(path, self.checkpoint_format)
+                or portable.zero_stage(path, meta) not in (None, self.stage)):
+            source = portable.open_source(path)
+            moments = portable.restore_deepspeed(source, self._ds, self._raw)
+            portable.notice(meta, f"deepspeed:{self.stage}" + ("+offload" if self.offload_optimizer else ""),
+                            self.ctx.world_size, self.ctx.rank, portable.count_params(self._raw), moments)
+            return portable.client_state(path)
         return deepspeed_state.load(self._ds, path, meta, world_size=self.ctx.world_size, rank=self.ctx.rank)
 
     # ------------------------------------------------------------------ export

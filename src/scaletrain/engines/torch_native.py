@@ -5,7 +5,8 @@ The engine owns the model, the optimizer, the fp16 loss scaler, clipping, the up
 I/O; how the model is parallelised is decided once, at construction, by composing the `apply_*`
 functions of `scaletrain.parallel` over one device mesh, in torchtitan's order: tensor parallel,
 activation checkpointing, compile, then FSDP (or DDP). Checkpoints go through
-`checkpoint.torch_state`, so every strategy reads every other's files at any world size.
+`checkpoint.torch_state`, so every strategy reads every other's files at any world size; a DeepSpeed
+tag is converted on the way in by `checkpoint.portable` (weights and AdamW state by parameter name).
 Imports: torch, `scaletrain.engines`, `scaletrain.parallel`, `scaletrain.materialize`, `scaletrain.checkpoint`,
 `scaletrain.config`.
 """
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from scaletrain import parallel
-from scaletrain.checkpoint import torch_state
+from scaletrain.checkpoint import portable, torch_state
 from scaletrain.config import DDPConfig, FSDPConfig
 from scaletrain.engines.base import Engine, EngineSpec, StepStats
 from scaletrain.engines.grads import (
@@ -172,6 +173,12 @@ class TorchNativeEngine(Engine):
         torch_state.release_async_group()
 
     def load_checkpoint(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        if portable.is_foreign(path, self.checkpoint_format):  # a DeepSpeed tag: converted on the way in
+            source = portable.open_source(path)
+            moments = portable.restore_torch(source, self._raw, self.optimizer)
+            portable.notice(meta, self.name, self.ctx.world_size, self.ctx.rank, portable.count_params(self._raw),
+                            moments)
+            return portable.client_state(path)
         engine_state, client_state = torch_state.load(path, model=self._raw, optimizer=self.optimizer)
         if self.scaler is not None and engine_state.get("scaler"):
             self.scaler.load_state_dict(engine_state["scaler"])
