@@ -233,7 +233,8 @@ def _bare_loop(args: argparse.Namespace, cfg, plan, ctx):
 
         from scaletrain.ds_config import resolve_ds_config
 
-        ds_config = {k: v for k, v in resolve_ds_config(cfg, world_size=ctx.world_size).items()
+        ds_config = {k: v for k, v in resolve_ds_config(cfg, world_size=ctx.world_size,
+                                                                     hidden_size=cfg.model.n_embd).items()
                      if k not in ("optimizer", "scheduler")}
         os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))
         model, opt, _, _ = deepspeed.initialize(model=raw, optimizer=opt, config=ds_config,

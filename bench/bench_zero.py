@@ -64,11 +64,14 @@ def _build(args: argparse.Namespace, ctx: Any, backend: str, stage: int, precisi
     if backend == "deepspeed" and stage == 3:  # every parameter partitioned, as 16P/N assumes
         import scaletrain.ds_config as dsc
 
-        resolved = dsc.resolve_ds_config(cfg, world_size=ctx.world_size)
-        resolved["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        def resolve(hidden_size=None):
+            resolved = dsc.resolve_ds_config(cfg, world_size=ctx.world_size, hidden_size=hidden_size)
+            resolved["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+            return resolved
+
         from scaletrain.engines.deepspeed_zero import DeepSpeedEngine
 
-        build = lambda spec: DeepSpeedEngine(spec, cfg.backend.deepspeed, resolved, cfg.optim)  # noqa: E731
+        build = lambda spec: DeepSpeedEngine(spec, cfg.backend.deepspeed, resolve, cfg.optim)  # noqa: E731
     else:
         build = lambda spec: build_engine(spec, cfg)  # noqa: E731
     spec = EngineSpec(ctx=ctx, precision=cfg.precision, grad_accum=1, grad_clip=1.0,
