@@ -131,11 +131,10 @@ def _spec_items(spec: str) -> list[str]:
 
 def plan_runs(args: argparse.Namespace, out: Path) -> list[BackendRun]:
     """Every backend's overrides, checked the way `scaletrain train` checks them. Raises ConfigError."""
-    from scaletrain.loop import plan_run
-
     specs = parse_specs(args.backends)
     _check_owned(list(args.overrides), "overrides")
     extra = parse_backend_overrides(list(args.override), specs)
+    from scaletrain.loop import plan_run  # torch: only once the flags are known to be good
     runs = []
     for i, spec in enumerate(specs, 1):
         run_dir = out / _folder_name(i, spec)
@@ -337,8 +336,9 @@ def report(runs: list[BackendRun], rows: list[StepRow], args: argparse.Namespace
         summary = f"parity FAILED: {', '.join(r.spec for r in failed)} did not run to the end"
     elif bad:
         first = bad[0]
-        summary = (f"parity FAILED: {', '.join(sorted({o.rsplit(' ', 1)[0] for row in bad for o in row.offenders}))} "
-                   f"diverge from {runs[0].spec} from step {first.step} ({', '.join(first.offenders)}; "
+        who = sorted({o.rsplit(" ", 1)[0] for row in bad for o in row.offenders})
+        summary = (f"parity FAILED: {', '.join(who)} diverge{'s' if len(who) == 1 else ''} from {runs[0].spec} "
+                   f"from step {first.step} ({', '.join(first.offenders)}; "
                    f"largest relative difference {worst}, tolerance {tol})")
     else:
         summary = (f"parity ok: {others} agree with {runs[0].spec} over {args.steps} steps "
