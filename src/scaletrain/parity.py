@@ -181,11 +181,14 @@ def _child_env() -> dict[str, str]:
 
 
 def _tail(path: Path, n: int = TAIL_LINES) -> list[str]:
+    """The last lines the workers wrote, before the launcher's own failure report (which names the
+    worker entry module and exit codes, not the cause); lines every rank wrote alike appear once."""
     try:
         lines = [ln.rstrip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return []
-    return lines[-n:]
+    cut = next((i for i, ln in enumerate(lines) if "torch/distributed/elastic/" in ln), len(lines))
+    return list(dict.fromkeys(lines[:cut] or lines))[-n:]
 
 
 def _read_records(run_dir: Path) -> dict[int, dict[str, Any]]:
@@ -254,6 +257,7 @@ class StepRow:
     step: int
     worst: float  # the largest relative difference from the reference, any metric, any backend
     offenders: list[str]  # "spec metric" pairs beyond their tolerance
+    missing: list[str]  # backends without a record of this step (a failed run)
 
 
 def compare(runs: list[BackendRun], steps: int, tolerance: float | None) -> list[StepRow]:
@@ -261,22 +265,18 @@ def compare(runs: list[BackendRun], steps: int, tolerance: float | None) -> list
     rows = []
     for step in range(1, steps + 1):
         worst, offenders = 0.0, []
+        missing = [r.spec for r in runs if step not in r.records]
         for run in runs[1:]:
-            if run.error and not run.records:
-                continue
-            tol = tolerance if tolerance is not None else (DEFAULT_TP_TOLERANCE if run.tp else DEFAULT_TOLERANCE)
             a, b = run.records.get(step), ref.records.get(step)
             if a is None or b is None:
-                if run.records or ref.records:
-                    worst = math.inf
-                    offenders.append(f"{run.spec} missing" if a is None else f"{ref.spec} missing")
                 continue
+            tol = tolerance if tolerance is not None else (DEFAULT_TP_TOLERANCE if run.tp else DEFAULT_TOLERANCE)
             for m in METRICS:
                 d = rel_diff(a.get(m), b.get(m))
                 worst = max(worst, d)
                 if d > tol:
                     offenders.append(f"{run.spec} {m}")
-        rows.append(StepRow(step, worst, offenders))
+        rows.append(StepRow(step, worst, offenders, missing))
     return rows
 
 
@@ -307,13 +307,15 @@ def _table(runs: list[BackendRun], rows: list[StepRow]) -> Any:
             cells += [_fmt(rec.get("loss")), _fmt(rec.get("grad_norm"))] + ([] if lrs_agree else [_fmt(rec.get("lr"))])
         if lrs_agree:
             cells.append(_fmt(runs[0].records.get(row.step, {}).get("lr")))
-        cells.append(f"{row.worst:.1e}")
-        cells.append("[red]DIVERGES: " + ", ".join(row.offenders) + "[/red]" if row.offenders else "[green]ok[/green]")
+        cells.append(f"{row.worst:.1e}" if len(runs) - len(row.missing) > 1 else "-")
+        verdict = [f"DIVERGES: {', '.join(row.offenders)}"] if row.offenders else []
+        verdict += [f"no record: {', '.join(row.missing)}"] if row.missing else []
+        cells.append(f"[red]{'; '.join(verdict)}[/red]" if verdict else "[green]ok[/green]")
         table.add_row(*cells)
     return table
 
 
-def report(runs: list[BackendRun], rows: list[StepRow], args: argparse.Namespace) -> int:
+def report(runs: list[BackendRun], rows: list[StepRow], args: argparse.Namespace, kept: bool) -> int:
     from rich.console import Console
 
     console = Console()
@@ -322,8 +324,9 @@ def report(runs: list[BackendRun], rows: list[StepRow], args: argparse.Namespace
     console.print(_table(runs, rows))
     failed = [r for r in runs if r.error]
     for r in failed:
-        console.print(f"[red]{r.spec} failed[/red]: {r.error}; its last output ({r.run_dir.parent / r.run_dir.name}.err):",
-                      highlight=False)
+        where = f" ({r.run_dir.parent / r.run_dir.name}.err)" if kept else " (rerun with --keep for the logs)"
+        said = f"; its last output{where}:" if r.tail else f"; no output{where}"
+        console.print(f"[red]{r.spec} failed[/red]: {r.error}{said}", highlight=False)
         for line in r.tail:
             console.print(f"  {line}", markup=False, highlight=False)
     bad = [row for row in rows if row.offenders]
@@ -334,6 +337,8 @@ def report(runs: list[BackendRun], rows: list[StepRow], args: argparse.Namespace
     others = ", ".join(r.spec for r in runs[1:])
     if failed:
         summary = f"parity FAILED: {', '.join(r.spec for r in failed)} did not run to the end"
+        if bad:
+            summary += f"; differences beyond tolerance from step {bad[0].step} ({', '.join(bad[0].offenders)})"
     elif bad:
         first = bad[0]
         who = sorted({o.rsplit(" ", 1)[0] for row in bad for o in row.offenders})
@@ -377,7 +382,7 @@ def run_parity(args: argparse.Namespace) -> int:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-        code = report(runs, compare(runs, args.steps, args.tolerance), args)
+        code = report(runs, compare(runs, args.steps, args.tolerance), args, kept=not remove)
         if not remove:
             print(f"run folders and logs: {out}", file=sys.stderr)
         return code

@@ -73,3 +73,50 @@ def test_bad_input_is_one_line_and_exit_2(tiny_data: Path, tmp_path: Path, capsy
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], lines
     assert not (tmp_path / "p").exists()  # nothing was launched
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison and the report on made-up records (no processes)
+
+
+def _run(spec: str, losses: list[float], tmp: Path, *, tp: bool = False, error: str | None = None):
+    from scaletrain.parity import BackendRun
+
+    records = {i: {"step": i, "loss": v, "grad_norm": 1.0, "lr": 1e-3} for i, v in enumerate(losses, 1)}
+    return BackendRun(spec, [], tmp / spec, tp=tp, records=records, error=error,
+                      tail=["error: 1 non-finite steps in a row"] if error else [])
+
+
+def _report(runs, steps: int, tolerance=None) -> int:
+    import argparse
+
+    from scaletrain.parity import compare, report
+
+    args = argparse.Namespace(steps=steps, tolerance=tolerance)
+    return report(runs, compare(runs, steps, tolerance), args, kept=True)
+
+
+def test_tp_specs_get_the_looser_default_tolerance(tmp_path: Path, capsys):
+    ref = _run("ddp", [5.0, 4.0], tmp_path)
+    assert _report([ref, _run("tp:2", [5.0, 4.0 * (1 + 5e-4)], tmp_path, tp=True)], 2) == 0
+    assert _report([ref, _run("fsdp", [5.0, 4.0 * (1 + 5e-4)], tmp_path)], 2) == 1
+    assert "DIVERGES: fsdp loss" in capsys.readouterr().out
+    assert _report([ref, _run("tp:2", [5.0, 4.0 * (1 + 5e-4)], tmp_path, tp=True)], 2, tolerance=1e-4) == 1
+
+
+def test_a_backend_that_fails_shows_its_last_lines_and_exits_1(tmp_path: Path, capsys):
+    runs = [_run("ddp", [5.0, 4.0, 3.0], tmp_path), _run("fsdp", [5.0], tmp_path, error="exit code 1")]
+    assert _report(runs, 3) == 1
+    out = capsys.readouterr().out
+    assert "no record: fsdp" in out and "fsdp failed: exit code 1" in out
+    assert "error: 1 non-finite steps in a row" in out
+    assert "parity FAILED: fsdp did not run to the end" in out
+
+
+def test_the_tail_skips_the_launchers_report(tmp_path: Path):
+    from scaletrain.parity import _tail
+
+    err = tmp_path / "x.err"
+    err.write_text("error: bad thing\nerror: bad thing\n"
+                   "E1129 torch/distributed/elastic/multiprocessing/api.py failed\nTraceback ...\n")
+    assert _tail(err) == ["error: bad thing"]
