@@ -150,7 +150,7 @@ def plan_runs(args: argparse.Namespace, out: Path) -> list[BackendRun]:
             cfg = load_config(args.config, [*args.overrides, *run.overrides, *pinned])
             return cfg, plan_run(cfg, args.nproc)
         except ConfigError as e:
-            raise ConfigError(f"{run.spec}: {e}") from None
+            raise ConfigError(f"backend {run.spec}: {e}") from None
 
     plans = [check(r, []) for r in runs]
     batches = {r.spec: p.batch.global_batch_size for r, (_, p) in zip(runs, plans, strict=True)}
@@ -158,11 +158,11 @@ def plan_runs(args: argparse.Namespace, out: Path) -> list[BackendRun]:
         said = ", ".join(f"{s} {b}" for s, b in batches.items())
         if any(cfg.train.grad_accum is not None or cfg.train.global_batch_size is not None for cfg, _ in plans):
             raise ConfigError(f"parity: the backends would train on different global batches ({said}); set "
-                              f"train.global_batch_size={max(batches.values())} instead of train.grad_accum")
+                              f"train.global_batch_size={max(batches.values())} for all, not train.grad_accum")
         pinned = [f"train.global_batch_size={max(batches.values())}"]
         for r in runs:
             check(r, pinned)
-            r.overrides.insert(0, pinned[0])
+            r.overrides.append(pinned[0])
         print(f"parity: global batches differ ({said}); every backend runs {pinned[0]}", file=sys.stderr)
     return runs
 

@@ -38,6 +38,7 @@ def all_backends(tiny_data: Path, tmp_path_factory):
 
 def test_every_backend_agrees_with_ddp(all_backends):
     result, out = all_backends
+    print(result.stdout)  # the table, for -rA / -s
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     header = result.stdout.splitlines()[0]
     for spec in ALL:
