@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "scaletrain.prepare",
     "scaletrain.sweep",
     "scaletrain.plot",
+    "scaletrain.parity",
 )
 
 
