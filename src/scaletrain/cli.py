@@ -1,4 +1,5 @@
-"""The `scaletrain` command: train | prepare | consolidate | inspect | config show.
+"""The `scaletrain` command: train | prepare | consolidate | inspect | convert | plan | parity | sweep |
+plot | config show (subcommands other than train and config live beside their code: COMMAND_MODULES).
 
 Exit codes are `scaletrain.errors.ExitCode`: 0 done; 1 damage found; 2 bad input (one line on stderr:
 what, and how to fix it); 74 stopped by a signal but the stop-save failed; 75 stopped by a signal
@@ -142,18 +143,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides_last(argv: list[str]) -> list[str]:
+def _flags_without_value(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string, in any subcommand, that takes no value (store_true, --help, ...)."""
+    flags: set[str] = set()
+    for action in parser._actions:
+        if action.nargs == 0:
+            flags.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= _flags_without_value(sub)
+    return flags
+
+
+def _overrides_last(argv: list[str], no_value: set[str] = frozenset()) -> list[str]:
     """Move `key=value` tokens after every option, so `train a=1 --ds f.json b=2` parses like
-    `train --ds f.json a=1 b=2` (argparse takes one run of positionals only)."""
+    `train --ds f.json a=1 b=2` (argparse takes one run of positionals only). A token right after an
+    option that takes a value is that option's value; after a flag in `no_value` it is not."""
     keep, moved = [], []
     for i, tok in enumerate(argv):
-        after_option = i > 0 and argv[i - 1].startswith("--") and "=" not in argv[i - 1]
+        prev = argv[i - 1] if i > 0 else ""
+        after_option = prev.startswith("--") and "=" not in prev and prev not in no_value
         (moved if "=" in tok and not tok.startswith("-") and not after_option else keep).append(tok)
     return keep + moved
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(_overrides_last(list(sys.argv[1:] if argv is None else argv)))
+    parser = build_parser()
+    args = parser.parse_args(_overrides_last(list(sys.argv[1:] if argv is None else argv),
+                                             _flags_without_value(parser)))
     try:
         return args.func(args)
     except ScaletrainError as e:

@@ -93,3 +93,15 @@ def test_config_imports_no_torch():
 
 def test_every_key_is_documented_or_section():
     assert "backend.fsdp.sharding" in valid_keys() and "checkpoint.async" in valid_keys()
+
+
+def test_overrides_after_a_flag_without_value_stay_overrides():
+    from scaletrain.cli import _flags_without_value, _overrides_last, build_parser
+
+    parser = build_parser()
+    argv = ["config", "show", "--json", "optim.lr=1e-3", "--config", "a.toml", "train.max_steps=30"]
+    assert _overrides_last(argv, _flags_without_value(parser)) == [
+        "config", "show", "--json", "--config", "a.toml", "optim.lr=1e-3", "train.max_steps=30"]
+    # An option that takes a value keeps the token after it as its value.
+    assert _overrides_last(["train", "--ds", "x=y.json", "a=1"], _flags_without_value(parser)) == [
+        "train", "--ds", "x=y.json", "a=1"]
