@@ -78,12 +78,25 @@ def _build_worker(args: argparse.Namespace) -> None:
     import scaletrain.tensor_parallel
     if args.variant == "zero3":
         import scaletrain.engines.deepspeed_zero  # noqa: F401
+    if args.warm:  # the same path once on a tiny model: code pages and allocator arenas are then in place
+        _build(args, ctx, lambda: GPT(ModelConfig(n_layer=1, n_head=2, n_embd=64, block_size=16), 256))
     baseline = _status("VmRSS")
     reset = _reset_peak()
+    model = _build(args, ctx, factory)
+    peak = _status("VmHWM")
+    out = Path(args.result) / f"rank{ctx.rank}.json"
+    out.write_text(json.dumps({"baseline": baseline, "peak": peak, "reset": reset,
+                               "params": sum(p.numel() for p in model.parameters())}))
+    del model
+    dist.teardown()
+
+
+def _build(args: argparse.Namespace, ctx, factory):
+    """One model construction of `args.variant`, returning the model."""
     if args.variant == "plain":
         from scaletrain.materialize import build_initialized
 
-        model = build_initialized(factory, device=ctx.device, seed=0)
+        return build_initialized(factory, device=ctx.device, seed=0)
     elif args.variant == "zero3":
         from scaletrain.config import load_config
         from scaletrain.ds_config import resolve_ds_config
@@ -93,7 +106,7 @@ def _build_worker(args: argparse.Namespace) -> None:
                                                   "train.micro_batch_size=1"]), world_size=ctx.world_size,
                                 hidden_size=args.n_embd)
         ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
-        model = build_zero3(factory, ds, seed=0, source=None)
+        return build_zero3(factory, ds, seed=0, source=None)
     else:  # meta build, FSDP (or TP x FSDP) on meta, then each rank materialises its shard
         from scaletrain import parallel
         from scaletrain.config import FSDPConfig
@@ -107,12 +120,7 @@ def _build_worker(args: argparse.Namespace) -> None:
         parallel.apply_fsdp(model, parallel.model_blocks(model), FSDPConfig(), mesh=mesh, precision="fp32",
                             device_type=ctx.device_type)
         materialize(model, device=ctx.device, seed=0)
-    peak = _status("VmHWM")
-    out = Path(args.result) / f"rank{ctx.rank}.json"
-    out.write_text(json.dumps({"baseline": baseline, "peak": peak, "reset": reset,
-                               "params": sum(p.numel() for p in model.parameters())}))
-    del model
-    dist.teardown()
+    return model
 
 
 def _build_phase(args: argparse.Namespace, tmp: Path, params: int) -> dict:
@@ -122,7 +130,8 @@ def _build_phase(args: argparse.Namespace, tmp: Path, params: int) -> dict:
         result.mkdir()
         cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", __file__,
                "--build-worker", "--variant", variant, "--result", str(result), "--n-layer", str(args.n_layer),
-               "--n-head", str(args.n_head), "--n-embd", str(args.n_embd), "--block-size", str(args.block_size)]
+               "--n-head", str(args.n_head), "--n-embd", str(args.n_embd), "--block-size", str(args.block_size),
+               *(["--warm"] if args.warm else [])]
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=args.timeout,
                        stdout=subprocess.DEVNULL)
         ranks = [json.loads((result / f"rank{r}.json").read_text()) for r in range(2)]
@@ -171,6 +180,8 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=1200)
     p.add_argument("--phase", choices=["build", "run", "both"], default="both",
                    help="build: peak growth of model construction; run: peak of a 1-step run with its save")
+    p.add_argument("--warm", action="store_true",
+                   help="build phase: run the build path once on a tiny model before the baseline (code pages)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--build-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="plain", help=argparse.SUPPRESS)

@@ -98,6 +98,8 @@ class DeepSpeedEngine(Engine):
         )
         deepspeed_state.use_safe_loading(self._ds)
         self._basic_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        if self.stage == 3 and not self.offload_optimizer and not offload_on(zero, "offload_param"):
+            _share_fp32_master(self.optimizer)
 
     def _make_optimizer(self, raw: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
         if not self.offload_optimizer:
@@ -245,6 +247,24 @@ def _local_grad(p: nn.Parameter) -> torch.Tensor | None:
     if frag.numel() == p.numel() and address.numel != p.numel():  # a whole-size buffer: keep our slice
         frag = frag.narrow(0, address.start, address.numel)
     return frag
+
+
+def _share_fp32_master(optimizer: Any) -> int:
+    """ZeRO-3 trained in fp32 keeps two identical fp32 copies of each partition: the parameters'
+    flat partition and the optimizer's "master" copy. DeepSpeed means to share them when their dtype
+    and device agree, but its check compares a torch.device with a device name and never matches, so
+    here the master copy becomes the partition's storage (the tensor object, which the optimizer's
+    param groups hold, stays the same). The step then updates the parameters in place and DeepSpeed's
+    copy back to the partition is a copy onto itself. Saves one fp32 copy of the partition per rank.
+    Returns how many sub-groups were shared."""
+    shared = 0
+    for low, master in zip(getattr(optimizer, "fp16_partitioned_groups_flat", ()),
+                           getattr(optimizer, "fp32_partitioned_groups_flat", ())):
+        if (low.dtype == master.dtype and low.device == master.device and low.shape == master.shape
+                and low.data_ptr() != master.data_ptr()):
+            master.data = low.data
+            shared += 1
+    return shared
 
 
 def _strip(resolved: dict[str, Any]) -> dict[str, Any]:
