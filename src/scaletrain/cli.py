@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "scaletrain.prepare",
     "scaletrain.sweep",
     "scaletrain.plot",
+    "scaletrain.planner",
 )
 
 
