@@ -318,7 +318,7 @@ def _torch_native(cfg: Config, model: Any, tensors: list[Tensor], world: int, ra
     elif f.sharding == "shard_grad_op":
         gathered = sum(units) * cbytes  # every block stays gathered from its forward to its backward
     else:  # full_shard, hybrid_shard: the root, the block in use and the one prefetched
-        gathered = (root + 2 * biggest) * cbytes
+        gathered = (root + min(2, len(blocks)) * biggest) * cbytes
     reduce = (biggest or root) * BYTES[f.reduce_dtype] if shards > 1 else 0  # one unit's unsharded gradients
     host = 0
     if f.cpu_offload:
