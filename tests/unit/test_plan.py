@@ -135,7 +135,7 @@ def test_parsing():
     (lambda: _plan("tp:2", world=3), "must divide the world size"),
     (lambda: _plan("ddp", world=0), "--world"),
     (lambda: _plan("fsdp:hybrid_shard", world=4, procs_per_node=3), "shard_group_size"),
-    (lambda: plan_memory(load_config(None, ["data.path=/nonexistent-plan-data"]), 2, "ddp"), "model.vocab_size"),
+    (lambda: plan_memory(load_config(None, ["data.path=no-such-plan-data"]), 2, "ddp"), "model.vocab_size"),
 ])
 def test_bad_input_is_one_config_error_line(call, needle):
     with pytest.raises(ConfigError, match=needle) as err:
