@@ -153,3 +153,19 @@ def test_cli_table_json_and_exit_codes(capsys):
     assert "fsdp" in capsys.readouterr().out
     assert main(["plan", "--world", "2", "--backends", "nope", *TINY]) == 2
     assert "unknown backend" in capsys.readouterr().err
+
+
+def test_user_factories_and_hf_models_are_counted_from_their_meta_build():
+    pytest.importorskip("transformers")
+    import hf_models
+    import models
+
+    from scaletrain.model import count_params
+
+    cfg = load_config(None, ["model.factory=hf_models:gpt2", "model.vocab_size=50", "model.block_size=16"])
+    e = plan_memory(cfg, 2, "ddp")
+    assert e.n_params == count_params(hf_models.gpt2(cfg.model, 50))  # wte tied to lm_head: once
+    assert e.params == 4 * e.n_params and e.activations > 0 and not e.notes
+    plain = plan_memory(load_config(None, ["model.factory=models:tiny_lm", "model.vocab_size=50"]), 2, "fsdp")
+    assert plain.n_params == count_params(models.tiny_lm(None, 50))
+    assert plain.activations == 0 and "activations unknown" in plain.notes[0]
