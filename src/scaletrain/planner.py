@@ -153,11 +153,11 @@ def _vocab_size(cfg: Config) -> int | None:
 
     try:
         return read_meta(cfg.data.path, cfg.data.vocab_size).vocab_size
-    except DataError:
+    except DataError as e:
         if cfg.model.factory is not None:
             return None
-        raise ConfigError(f"model.vocab_size is not set and data.path ({cfg.data.path}) holds no prepared data; "
-                          "set model.vocab_size=N or point data.path at a prepared folder") from None
+        raise ConfigError(f"model.vocab_size is not set and the data's vocabulary cannot be read ({e}); "
+                          "set model.vocab_size=N") from None
 
 
 def _meta_model(cfg: Config, vocab: int | None) -> Any:

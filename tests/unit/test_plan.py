@@ -169,3 +169,11 @@ def test_user_factories_and_hf_models_are_counted_from_their_meta_build():
     plain = plan_memory(load_config(None, ["model.factory=models:tiny_lm", "model.vocab_size=50"]), 2, "fsdp")
     assert plain.n_params == count_params(models.tiny_lm(None, 50))
     assert plain.activations == 0 and "activations unknown" in plain.notes[0]
+
+
+def test_vocabulary_comes_from_the_prepared_data_folder(tmp_path):
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 8, "dtype": "uint16"}))
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.bin").write_bytes(b"")
+    cfg = load_config(None, [*(o for o in TINY if not o.startswith("model.vocab_size")), f"data.path={tmp_path}"])
+    assert plan_memory(cfg, 2, "ddp").n_params == P
