@@ -78,11 +78,7 @@ class Estimate:
     @property
     def model_state(self) -> int:
         """Parameters, gradients and optimizer state wherever they live (device and host)."""
-        return self.params + self.grads + self.optimizer + self.host_model_state
-
-    @property
-    def host_model_state(self) -> int:
-        return self.host
+        return self.params + self.grads + self.optimizer + self.host
 
     @property
     def total(self) -> int:
@@ -500,7 +496,8 @@ def run(args: argparse.Namespace) -> int:
         console = Console(width=160)
     n = rows[0].n_params if rows else 0
     title = (f"{n / 1e6:.2f} M parameters, world {args.world}, micro batch {cfg.train.micro_batch_size} x "
-             f"{cfg.model.block_size}, {cfg.precision}; per rank; limit {_human(limit)} ({where})")
+             f"{cfg.model.block_size}, {cfg.precision}; bytes of the rank holding the most; limit {_human(limit)} "
+             f"({where})")
     console.print(_table(rows, title))
     for r in rows:
         for note in r.notes:
@@ -511,7 +508,9 @@ def run(args: argparse.Namespace) -> int:
 def add_command(subparsers: Any) -> None:
     p = subparsers.add_parser("plan", help="memory per rank of each backend, before launch")
     p.add_argument("--config", type=Path, help="TOML/JSON/YAML config file")
-    p.add_argument("--ds", type=Path, help="DeepSpeed JSON (backend=deepspeed with that config)")
+    from scaletrain.engines.registry import DS_FLAG_HELP
+
+    p.add_argument("--ds", type=Path, help=DS_FLAG_HELP)
     p.add_argument("--world", type=int, required=True, help="number of processes (ranks)")
     p.add_argument("--backends", default=None,
                    help=f"comma-separated backend specs (default: the config's backend), e.g. {DEFAULT_BACKENDS}")
