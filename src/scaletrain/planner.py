@@ -309,13 +309,12 @@ def _torch_native(cfg: Config, model: Any, tensors: list[Tensor], world: int, ra
     units = [sum(local_numel[n] for n in names) for names in _units(model, cfg)]
     blocks, root = units[:-1], units[-1]
     biggest = max(blocks, default=0)
-    if shards == 1 and f.sharding == "no_shard":
-        gathered = sum(units) * cbytes if cbytes != 4 else 0  # one shard: the sharded tensor is the full one
-    elif f.sharding == "shard_grad_op":
-        gathered = sum(units) * cbytes  # every block stays gathered from its forward to its backward
+    # FSDP2 gathers into separate unsharded buffers even over a single shard (it copies the shard in).
+    if f.sharding in ("shard_grad_op", "no_shard"):
+        gathered = sum(units) * cbytes  # every unit stays gathered from its forward to its backward
     else:  # full_shard, hybrid_shard: the root, the block in use and the one prefetched
         gathered = (root + min(2, len(blocks)) * biggest) * cbytes
-    reduce = (biggest or root) * BYTES[f.reduce_dtype] if shards > 1 else 0  # one unit's unsharded gradients
+    reduce = (biggest or root) * BYTES[f.reduce_dtype]  # one unit's unsharded gradients before reduction
     host = 0
     if f.cpu_offload:
         host, p, g, o = p + g + o, 0, 0, 0
