@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "scaletrain.sweep",
     "scaletrain.plot",
     "scaletrain.parity",
+    "scaletrain.planner",
 )
 
 

@@ -158,6 +158,14 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     return model
 
 
+def hidden_size(model: nn.Module) -> int | None:
+    """The model's width: a HuggingFace config's `hidden_size`, else the first embedding's dimension."""
+    width = getattr(getattr(model, "config", None), "hidden_size", None)
+    if isinstance(width, int):
+        return width
+    return next((m.embedding_dim for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
 def block_classes(model: nn.Module, names: tuple[str, ...] = ()) -> tuple[type[nn.Module], ...]:
     """Classes to shard/checkpoint one by one: by name from config, else the model's `block_classes`."""
     if not names:

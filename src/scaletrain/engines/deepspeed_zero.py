@@ -11,7 +11,7 @@ and converted for another world size by `scaletrain.checkpoint.deepspeed_state`;
 PyTorch-native engine is converted on the way in by `scaletrain.checkpoint.portable`.
 
 Imports: torch, deepspeed, `scaletrain.engines.base`, `scaletrain.engines.grads`, `scaletrain.checkpoint`, `scaletrain.config`,
-`scaletrain.ds_config`, `scaletrain.errors`, `scaletrain.materialize`, `scaletrain.optim`.
+`scaletrain.ds_config`, `scaletrain.errors`, `scaletrain.materialize`, `scaletrain.model`, `scaletrain.optim`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from scaletrain.materialize import (
     parameter_value,
     tie_groups,
 )
+from scaletrain.model import hidden_size
 from scaletrain.optim import param_groups
 
 log = logging.getLogger(__name__)
@@ -269,14 +270,6 @@ def _share_fp32_master(optimizer: Any) -> int:
 
 def _strip(resolved: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in resolved.items() if k not in HARNESS_SECTIONS}
-
-
-def hidden_size(model: nn.Module) -> int | None:
-    """The model's width: a HuggingFace config's `hidden_size`, else the first embedding's dimension."""
-    width = getattr(getattr(model, "config", None), "hidden_size", None)
-    if isinstance(width, int):
-        return width
-    return next((m.embedding_dim for m in model.modules() if isinstance(m, nn.Embedding)), None)
 
 
 def build_zero3(factory: Callable[[], nn.Module], config: dict[str, Any], *, seed: int,
