@@ -67,11 +67,3 @@ def wrong_type_datasets():
 
 def string_examples():
     return ["text"] * 8, ["text"] * 2
-
-
-def gpt2(cfg, vocab_size):
-    """A HuggingFace GPT-2 from a config (HF's default dropout 0.1), returned as it is."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    return GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                      n_positions=cfg.block_size, vocab_size=vocab_size))
