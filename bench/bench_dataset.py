@@ -171,7 +171,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=9)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=256, help="examples per rank per step")
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--width", type=int, default=2048)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--timeout", type=float, default=1200)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -381,8 +381,12 @@ def _deepspeed(cfg: Config, model: Any, tensors: list[Tensor], world: int, rank:
         gathered_max = max(units, default=0)
         prefetch = int(zero.get("stage3_prefetch_bucket_size", 5e7))
         live = int(zero.get("stage3_max_live_parameters", 1e9))
-        gathered = min(nonpersistent, gathered_max + prefetch, max(live, gathered_max)) * lp
-        buffers = gathered + int(zero.get("reduce_bucket_size", 5e8)) * grad_b
+        # From the second step on DeepSpeed follows the recorded module order and keeps parameters it
+        # will reuse gathered, up to stage3_max_live_parameters, plus the prefetch bucket.
+        gathered = (min(nonpersistent, max(live, gathered_max)) + min(prefetch, nonpersistent)) * lp
+        # The step, one sub-group at a time: the flattened fp32 gradient copy and AdamW's temporary.
+        step_tmp = 0 if off_opt else 2 * min(int(zero.get("sub_group_size", 1e9)), trainable_part) * 4
+        buffers = gathered + int(zero.get("reduce_bucket_size", 5e8)) * grad_b + step_tmp
         if off_opt:
             host, o, g = o + g, 0, 0
         if off_param:

@@ -51,16 +51,23 @@ def local_grads(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
 
 
 def global_grad_norm(params: Iterable[nn.Parameter], device: torch.device) -> torch.Tensor:
-    """Collective. L2 norm of all gradients of the model, as a 0-d fp32 tensor on `device`.
+    """Collective when any gradient is a DTensor shard. L2 norm of all gradients of the model, as a 0-d
+    fp32 tensor on `device`.
 
     The per-tensor norms run where the gradients live (CPU under offload) and only their weighted
     squares move to `device`, so no host sync happens here under CUDA."""
     world = tdist.get_world_size() if tdist.is_initialized() else 1
     by_weight: dict[float, list[torch.Tensor]] = defaultdict(list)
+    sharded = False
     for p in params:
         if p.grad is not None:
+            sharded = sharded or isinstance(p.grad, DTensor)
             local, weight = _local_and_weight(p.grad, world)
             by_weight[weight].append(local)
+    if not sharded:
+        # Plain gradients are whole and, after DDP's all-reduce, the same on every rank (one reduced
+        # result, copied to all): every rank computes the same norm without a collective.
+        world, by_weight = 1, {1.0: [t for ts in by_weight.values() for t in ts]}
     sq = torch.zeros((), dtype=torch.float32, device=device)
     for weight, tensors in by_weight.items():
         norms = [torch.linalg.vector_norm(t, dtype=torch.float32).to(device, non_blocking=True) for t in tensors]
