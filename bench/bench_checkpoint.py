@@ -64,7 +64,7 @@ def _engine(args: argparse.Namespace, ctx: Any, fmt: str = "sharded") -> Any:
     from scaletrain.config import DDPConfig, ModelConfig
     from scaletrain.engines.base import EngineSpec
     from scaletrain.engines.torch_native import TorchNativeEngine
-    from scaletrain.model import GPT
+    from scaletrain.model.gpt import GPT
 
     mcfg = ModelConfig(n_layer=args.n_layer, n_head=8, n_embd=args.n_embd, block_size=64)
     spec = EngineSpec(ctx=ctx, precision="fp32", grad_accum=1, grad_clip=1.0, micro_batch_size=2,

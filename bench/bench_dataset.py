@@ -68,11 +68,11 @@ def _worker(args: argparse.Namespace) -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     from scaletrain import dist
-    from scaletrain.callbacks import CallbackList, RunInfo, SinkCallback
     from scaletrain.config import load_config
-    from scaletrain.loop import _record, make_engine, make_objective, make_source, plan_run, train_step
-    from scaletrain.metrics import make_sink
-    from scaletrain.train_state import TrainState
+    from scaletrain.train.callbacks import CallbackList, RunInfo, SinkCallback
+    from scaletrain.train.loop import _record, make_engine, make_objective, make_source, plan_run, train_step
+    from scaletrain.train.metrics import make_sink
+    from scaletrain.train.state import TrainState
 
     torch.set_num_threads(1)
     ctx = dist.init(dist.current_launch(), timeout_s=600)

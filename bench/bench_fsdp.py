@@ -62,8 +62,8 @@ def _build(kind: str, args: argparse.Namespace, ctx: Any) -> Any:
     import torch
 
     from scaletrain.config import DDPConfig, FSDPConfig, ModelConfig, OptimConfig
-    from scaletrain.engines import EngineSpec
-    from scaletrain.model import build_model
+    from scaletrain.engines.base import EngineSpec
+    from scaletrain.model.build import build_model
     from scaletrain.optim import build_adamw
 
     mcfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)

@@ -67,15 +67,15 @@ def _build_worker(args: argparse.Namespace) -> None:
 
     from scaletrain import dist
     from scaletrain.config import ModelConfig
-    from scaletrain.model import GPT
+    from scaletrain.model.gpt import GPT
 
     ctx = dist.init(dist.current_launch(), timeout_s=600)
     cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)
     factory = lambda: GPT(cfg, 256)  # noqa: E731
     # Import everything a variant uses before the baseline, so the growth is the model's alone.
-    import scaletrain.materialize
-    import scaletrain.parallel
-    import scaletrain.tensor_parallel
+    import scaletrain.engines.parallel
+    import scaletrain.engines.tensor_parallel
+    import scaletrain.model.materialize
     if args.variant == "zero3":
         import scaletrain.engines.deepspeed_zero  # noqa: F401
     if args.warm:  # the same path once on a tiny model: code pages and allocator arenas are then in place
@@ -94,13 +94,13 @@ def _build_worker(args: argparse.Namespace) -> None:
 def _build(args: argparse.Namespace, ctx, factory):
     """One model construction of `args.variant`, returning the model."""
     if args.variant == "plain":
-        from scaletrain.materialize import build_initialized
+        from scaletrain.model.materialize import build_initialized
 
         return build_initialized(factory, device=ctx.device, seed=0)
     elif args.variant == "zero3":
         from scaletrain.config import load_config
-        from scaletrain.ds_config import resolve_ds_config
         from scaletrain.engines.deepspeed_zero import build_zero3
+        from scaletrain.engines.ds_config import resolve_ds_config
 
         ds = resolve_ds_config(load_config(None, ["backend=deepspeed", "backend.deepspeed.stage=3",
                                                   "train.micro_batch_size=1"]), world_size=ctx.world_size,
@@ -108,9 +108,9 @@ def _build(args: argparse.Namespace, ctx, factory):
         ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
         return build_zero3(factory, ds, seed=0, source=None)
     else:  # meta build, FSDP (or TP x FSDP) on meta, then each rank materialises its shard
-        from scaletrain import parallel
         from scaletrain.config import FSDPConfig
-        from scaletrain.materialize import build_on_meta, materialize
+        from scaletrain.engines import parallel
+        from scaletrain.model.materialize import build_on_meta, materialize
 
         tp = 2 if args.variant == "tp" else 1
         mesh = parallel.build_mesh(ctx, fsdp=FSDPConfig(), tp_size=tp)
@@ -143,7 +143,7 @@ def _build_phase(args: argparse.Namespace, tmp: Path, params: int) -> dict:
 
 def _baseline() -> int:
     """VmRSS of an interpreter that imported torch and the harness (what every rank starts from)."""
-    code = ("import torch, torch.distributed, scaletrain.loop, scaletrain.engines.torch_native\n"
+    code = ("import torch, torch.distributed, scaletrain.train.loop, scaletrain.engines.torch_native\n"
             "for line in open('/proc/self/status'):\n"
             "    if line.startswith('VmRSS:'): print(int(line.split()[1]) * 1024)")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
@@ -205,7 +205,7 @@ def main() -> int:
             build = _build_phase(args, Path(tmp), params)
         if args.phase in ("run", "both"):
             if args.data is None:
-                from scaletrain.data import prepare
+                from scaletrain.data.prepare import prepare
 
                 args.data = str(Path(tmp) / "data")
                 prepare([], Path(args.data), max_bytes=2_000_000)

@@ -101,11 +101,11 @@ def _measure(args: argparse.Namespace, ctx) -> dict[str, Any]:
     import torch
 
     from scaletrain import dist
-    from scaletrain.callbacks import CallbackList, RunInfo, SinkCallback
-    from scaletrain.loop import _record, make_engine, make_objective, make_source, plan_run, train_step
-    from scaletrain.metrics import Throughput, make_sink
     from scaletrain.optim import lr_at
-    from scaletrain.train_state import TrainState
+    from scaletrain.train.callbacks import CallbackList, RunInfo, SinkCallback
+    from scaletrain.train.loop import _record, make_engine, make_objective, make_source, plan_run, train_step
+    from scaletrain.train.metrics import Throughput, make_sink
+    from scaletrain.train.state import TrainState
 
     out = Path(args.tmp) / f"{args.backend.replace(':', '-')}-{args.size}"
     cfg = _config(args, out)
@@ -207,7 +207,7 @@ def _bare_loop(args: argparse.Namespace, cfg, plan, ctx):
     import torch
     import torch.nn.functional as F
 
-    from scaletrain.model import GPT
+    from scaletrain.model.gpt import GPT
 
     block, micro = cfg.model.block_size, cfg.train.micro_batch_size
     tokens = np.memmap(Path(cfg.data.path) / "train.bin", dtype=np.dtype(plan.data_meta.dtype), mode="r")
@@ -231,7 +231,7 @@ def _bare_loop(args: argparse.Namespace, cfg, plan, ctx):
     if kind == "deepspeed":
         import deepspeed
 
-        from scaletrain.ds_config import resolve_ds_config
+        from scaletrain.engines.ds_config import resolve_ds_config
 
         ds_config = {k: v for k, v in resolve_ds_config(cfg, world_size=ctx.world_size,
                                                                      hidden_size=cfg.model.n_embd).items()
@@ -334,7 +334,7 @@ def main() -> int:
     failed: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.data is None:
-            from scaletrain.data import prepare
+            from scaletrain.data.prepare import prepare
 
             args.data = str(Path(tmp) / "data")
             prepare([], Path(args.data))

@@ -75,8 +75,9 @@ def _measure(rank: int, size: str, spec: str, args: argparse.Namespace) -> dict[
 
     from scaletrain import dist
     from scaletrain.config import load_config
-    from scaletrain.engines import EngineSpec, registry
-    from scaletrain.model import build_model
+    from scaletrain.engines import registry
+    from scaletrain.engines.base import EngineSpec
+    from scaletrain.model.build import build_model
     from scaletrain.objective import TokenBatch, lm_loss_sum
     from scaletrain.optim import build_adamw
 
@@ -156,7 +157,7 @@ def run_case(size: str, spec: str, args: argparse.Namespace) -> list[dict[str, A
 
 def predict(size: str, spec: str, args: argparse.Namespace) -> Any:
     from scaletrain.config import load_config
-    from scaletrain.planner import plan_memory
+    from scaletrain.engines.plan import plan_memory
 
     return plan_memory(load_config(None, overrides(size, spec, args)), 2, spec, vocab_size=VOCAB, procs_per_node=2)
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scaletrain import prepare as prep
+from scaletrain.data import prepare as prep
 
 
 def corpus(max_bytes: int) -> tuple[list[Path], list[str]]:

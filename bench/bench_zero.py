@@ -56,13 +56,14 @@ def _build(args: argparse.Namespace, ctx: Any, backend: str, stage: int, precisi
     import torch
 
     from scaletrain.config import load_config
-    from scaletrain.engines import EngineSpec, build_engine
-    from scaletrain.model import build_model
+    from scaletrain.engines.base import EngineSpec
+    from scaletrain.engines.registry import build_engine
+    from scaletrain.model.build import build_model
     from scaletrain.optim import build_adamw
 
     cfg = load_config(None, _overrides(args, backend, stage, precision))
     if backend == "deepspeed" and stage == 3:  # every parameter partitioned, as 16P/N assumes
-        import scaletrain.ds_config as dsc
+        import scaletrain.engines.ds_config as dsc
 
         def resolve(hidden_size=None):
             resolved = dsc.resolve_ds_config(cfg, world_size=ctx.world_size, hidden_size=hidden_size)

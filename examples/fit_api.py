@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import scaletrain
-from scaletrain.callbacks import Callback
-from scaletrain.data import prepare
+from scaletrain.data.prepare import prepare
+from scaletrain.train.callbacks import Callback
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/fit-example")
 data = out / "data"

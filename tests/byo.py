@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scaletrain.model import GPT
+from scaletrain.model.gpt import GPT
 
 VOCAB = 64
 

@@ -16,7 +16,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "scal
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small prepared corpus (about 300 KB of the standard library) shared by the whole session."""
-    from scaletrain.data import prepare
+    from scaletrain.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("data")
     prepare([], out, max_bytes=300_000)

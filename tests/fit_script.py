@@ -10,7 +10,7 @@ import json
 import sys
 
 import scaletrain
-from scaletrain.callbacks import Callback
+from scaletrain.train.callbacks import Callback
 
 
 class RecordLR(Callback):

@@ -19,7 +19,7 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun_main
 
-EXIT_PREEMPTED = 75  # scaletrain.loop.EXIT_PREEMPTED; not imported so the agent needs no scaletrain
+EXIT_PREEMPTED = 75  # scaletrain.train.loop.EXIT_PREEMPTED; not imported so the agent needs no scaletrain
 
 
 def run(argv: list[str]) -> int:

@@ -5,7 +5,7 @@
 launch is read through `dist.current_launch`). It leaves the caller as it found it: the SIGTERM and
 SIGUSR1 handlers are put back (they are installed only from the main thread), environment variables
 it set are restored, and the process group it created is torn down before it returns or raises.
-Imports: `scaletrain.config`, `scaletrain.dist`, `scaletrain.loop`, `scaletrain.callbacks`, `scaletrain.errors`.
+Imports: `scaletrain.config`, `scaletrain.dist`, `scaletrain.train.loop`, `scaletrain.train.callbacks`, `scaletrain.errors`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from scaletrain import dist
-from scaletrain.callbacks import Callback
 from scaletrain.config import Config, build_config, load_config
 from scaletrain.errors import ConfigError
-from scaletrain.loop import RunResult, StopRequest, plan_run, train
+from scaletrain.train.callbacks import Callback
+from scaletrain.train.loop import RunResult, StopRequest, plan_run, train
 
 # What dist.init may set for the process group's rendezvous; fit puts these back afterwards.
 _ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT")

@@ -11,9 +11,9 @@ from helpers import read_metrics, spawn, tiny_overrides
 def _run(rank: int, world: int, data: str, out: str, extra: list[str], stop_rank: int, stop_on: str,
          stop_step: int) -> dict:
     from scaletrain import dist
-    from scaletrain.callbacks import Callback
     from scaletrain.config import load_config
-    from scaletrain.loop import plan_run, train
+    from scaletrain.train.callbacks import Callback
+    from scaletrain.train.loop import plan_run, train
 
     events: list = []
 

@@ -52,8 +52,9 @@ def _contract(rank: int, world: int, specs: list[str], tmp: str) -> dict:
 
     from scaletrain import dist
     from scaletrain.config import load_config
-    from scaletrain.engines import EngineSpec, registry
-    from scaletrain.model import build_model
+    from scaletrain.engines import registry
+    from scaletrain.engines.base import EngineSpec
+    from scaletrain.model.build import build_model
     from scaletrain.optim import build_adamw
 
     ctx = dist.init(dist.current_launch(), timeout_s=120)

@@ -18,8 +18,9 @@ def _norms(rank: int, world: int, specs: list[str]) -> dict:
 
     from scaletrain import dist
     from scaletrain.config import load_config
-    from scaletrain.engines import EngineSpec, registry
-    from scaletrain.model import build_model
+    from scaletrain.engines import registry
+    from scaletrain.engines.base import EngineSpec
+    from scaletrain.model.build import build_model
     from scaletrain.optim import build_adamw
 
     ctx = dist.init(dist.current_launch(), timeout_s=120)
@@ -63,7 +64,7 @@ def norms() -> list[dict]:
 @pytest.mark.timeout(360)
 @pytest.mark.parametrize("spec", SPECS)
 def test_layer_norms_match_ddp(norms: list[dict], spec: str):
-    from scaletrain.metrics import layer_norm_record
+    from scaletrain.train.metrics import layer_norm_record
 
     rank0, rank1 = norms
     ref, got = rank0["ddp"]["layers"], rank0[spec]["layers"]

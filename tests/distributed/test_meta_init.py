@@ -13,8 +13,8 @@ from helpers import spawn
 
 from scaletrain.config import ModelConfig
 from scaletrain.errors import ConfigError
-from scaletrain.materialize import build_initialized, build_on_meta, init_value, materialize
-from scaletrain.model import GPT
+from scaletrain.model.gpt import GPT
+from scaletrain.model.materialize import build_initialized, build_on_meta, init_value, materialize
 
 CFG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
 VOCAB = 64

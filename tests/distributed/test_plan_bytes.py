@@ -75,8 +75,9 @@ def _measure(rank: int, world: int, specs: list[str]) -> dict:
 
     from scaletrain import dist
     from scaletrain.config import load_config
-    from scaletrain.engines import EngineSpec, registry
-    from scaletrain.model import build_model
+    from scaletrain.engines import registry
+    from scaletrain.engines.base import EngineSpec
+    from scaletrain.model.build import build_model
     from scaletrain.objective import TokenBatch, lm_loss_sum
     from scaletrain.optim import build_adamw
 
@@ -114,7 +115,7 @@ def live() -> list[dict]:
 @pytest.mark.parametrize("spec", SPECS)
 def test_plan_model_state_equals_live_bytes(live: list[dict], spec: str):
     from scaletrain.config import load_config
-    from scaletrain.planner import plan_memory
+    from scaletrain.engines.plan import plan_memory
 
     cfg = load_config(None, BASE)
     for rank, got in enumerate(live):

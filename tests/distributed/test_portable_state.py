@@ -55,9 +55,9 @@ def gather_full(engine: Any) -> dict[str, dict[str, Any]]:
 
 def build(spec: str, ctx: Any) -> Any:
     from scaletrain.config import load_config
-    from scaletrain.engines import EngineSpec, build_engine
-    from scaletrain.engines.registry import spec_overrides
-    from scaletrain.model import build_model
+    from scaletrain.engines.base import EngineSpec
+    from scaletrain.engines.registry import build_engine, spec_overrides
+    from scaletrain.model.build import build_model
     from scaletrain.optim import build_adamw
 
     over = [f"{k}={v}" for k, v in spec_overrides(spec).items()]

@@ -16,8 +16,8 @@ def _count(rank: int, world: int) -> dict:
 
     from scaletrain import dist
     from scaletrain.config import ModelConfig
-    from scaletrain.model import GPT
-    from scaletrain.tensor_parallel import apply_tp
+    from scaletrain.engines.tensor_parallel import apply_tp
+    from scaletrain.model.gpt import GPT
 
     dist.init(dist.current_launch(), timeout_s=60)
     try:

@@ -58,11 +58,11 @@ def varlen_runs(tmp_path_factory) -> dict[str, Path]:
 
 def test_variable_counts_give_the_gradient_of_one_big_batch(varlen_runs):
     from scaletrain.config import load_config
-    from scaletrain.data import BatchPlan
-    from scaletrain.materialize import build_initialized
-    from scaletrain.model import build_model
+    from scaletrain.data.sources import DatasetSource
+    from scaletrain.data.tokens import BatchPlan
+    from scaletrain.model.build import build_model
+    from scaletrain.model.materialize import build_initialized
     from scaletrain.objective import Objective
-    from scaletrain.sources import DatasetSource
 
     sys.path.insert(0, str(TESTS))
     import byo

@@ -55,7 +55,7 @@ def _resume_with_slow_conversion(rank: int, world: int, data: str, out: str) -> 
     import scaletrain.checkpoint.deepspeed_state as ds_state
     from scaletrain import dist
     from scaletrain.config import load_config
-    from scaletrain.loop import plan_run, train
+    from scaletrain.train.loop import plan_run, train
 
     real = ds_state.convert_to_universal
 
@@ -85,7 +85,7 @@ def _save_fails_on_rank1(rank: int, world: int, data: str, out: str) -> dict:
     from scaletrain import dist
     from scaletrain.config import load_config
     from scaletrain.errors import CheckpointError
-    from scaletrain.loop import _Run, plan_run
+    from scaletrain.train.loop import _Run, plan_run
 
     cfg = load_config(None, tiny_overrides(Path(data), Path(out), **{**DS2, "backend.timeout_s": 60}))
     plan = plan_run(cfg, world)

@@ -244,10 +244,11 @@ def test_async_save_resumes_exactly(tiny_data: Path, tmp_path: Path):
 
 def val_loss_of(weights: Path, run: Path, dtype: torch.dtype = torch.float32, world: int = 2) -> float:
     """The loop's evaluation, in one process: every rank's validation batches through the built-in GPT."""
-    from scaletrain.checkpoint.weights import complete_tied, load_weights_file
     from scaletrain.config import load_config
-    from scaletrain.data import Batches, BatchPlan, read_meta
-    from scaletrain.model import build_model
+    from scaletrain.data.format import read_meta
+    from scaletrain.data.tokens import Batches, BatchPlan
+    from scaletrain.model.build import build_model
+    from scaletrain.model.weights import complete_tied, load_weights_file
     from scaletrain.objective import lm_loss_sum
 
     cfg = load_config(run / "config.json", [])

@@ -160,9 +160,10 @@ def _full_state(rank: int, world: int) -> dict:
 
     from scaletrain import dist
     from scaletrain.config import load_config
-    from scaletrain.engines import EngineSpec, build_engine
-    from scaletrain.materialize import build_initialized
-    from scaletrain.model import build_model
+    from scaletrain.engines.base import EngineSpec
+    from scaletrain.engines.registry import build_engine
+    from scaletrain.model.build import build_model
+    from scaletrain.model.materialize import build_initialized
     from scaletrain.optim import build_adamw
 
     ctx = dist.init(dist.current_launch(), timeout_s=120)

@@ -79,7 +79,8 @@ def last_val_loss(run: Path) -> float:
 
 def _batches(run: Path):
     from scaletrain.config import load_config, resolve_grad_accum
-    from scaletrain.data import Batches, BatchPlan, read_meta
+    from scaletrain.data.format import read_meta
+    from scaletrain.data.tokens import Batches, BatchPlan
 
     cfg = load_config(run / "config.json", [])
     meta = read_meta(cfg.data.path)
@@ -141,8 +142,8 @@ def test_builtin_gpt_exports_and_init_from_reads_the_folder(trained, tiny_data: 
     from safetensors.torch import load_file
 
     from scaletrain.config import load_config
-    from scaletrain.materialize import build_initialized
-    from scaletrain.model import build_model
+    from scaletrain.model.build import build_model
+    from scaletrain.model.materialize import build_initialized
 
     run = trained("gpt")
     out = tmp_path / "export"
@@ -171,8 +172,8 @@ def test_builtin_gpt_exports_and_init_from_reads_the_folder(trained, tiny_data: 
 
 def test_builtin_gpt_sharded_export_loads_through_the_index(trained, tmp_path: Path):
     from scaletrain.config import load_config
-    from scaletrain.materialize import build_initialized
-    from scaletrain.model import build_model
+    from scaletrain.model.build import build_model
+    from scaletrain.model.materialize import build_initialized
 
     run = trained("gpt")
     out = tmp_path / "shards"
@@ -238,8 +239,8 @@ def test_init_from_an_hf_folder_starts_from_exactly_its_weights(tiny_data: Path,
     from transformers import GPT2LMHeadModel
 
     from scaletrain.config import ModelConfig
-    from scaletrain.data import read_meta
-    from scaletrain.materialize import build_initialized
+    from scaletrain.data.format import read_meta
+    from scaletrain.model.materialize import build_initialized
 
     # A local HF checkpoint as save_pretrained writes it (lm_head.weight left out: tied to wte).
     vocab = read_meta(tiny_data).vocab_size
@@ -311,7 +312,7 @@ def test_hostile_weights_folder_is_refused_in_one_line(tmp_path: Path, case: str
     """A folder from elsewhere: an index naming a shard outside the folder, or a model.safetensors
     that is no such file. Refused by the reader every rank opens, in one line, nothing read."""
     from scaletrain.errors import CheckpointError
-    from scaletrain.materialize import WeightsSource, check_weights_source
+    from scaletrain.model.materialize import WeightsSource, check_weights_source
 
     folder = tmp_path / "hf"
     folder.mkdir()

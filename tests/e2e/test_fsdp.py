@@ -150,8 +150,8 @@ def test_bad_fsdp_settings_are_config_errors():
     """Checked in-process (the CLI turns ConfigError into one line and exit 2, see above)."""
     from scaletrain.config import FSDPConfig, load_config
     from scaletrain.engines import registry
+    from scaletrain.engines.parallel import dp_mesh_shape
     from scaletrain.errors import ConfigError
-    from scaletrain.parallel import dp_mesh_shape
 
     with pytest.raises(ConfigError, match=r"backend.fsdp.shard_group_size \(3\) must divide the data-parallel size \(4\)"):
         registry.validate(load_config(None, ["backend=fsdp", "backend.fsdp.sharding=hybrid_shard",

@@ -49,7 +49,7 @@ def _train_in_process(rank: int, world: int, data: str, out: str, extra: list[st
 
     from scaletrain import dist
     from scaletrain.config import load_config
-    from scaletrain.loop import plan_run, train
+    from scaletrain.train.loop import plan_run, train
 
     before = {t.ident for t in threading.enumerate()}
     cfg = load_config(None, [*tiny_overrides(Path(data), Path(out), **{"train.max_steps": 3}), *extra])
@@ -120,7 +120,7 @@ def test_item7_lease_rules(tmp_path: Path, monkeypatch):
     one of the same Slurm job (a requeue on another node): taken over. Released: gone."""
     import json
 
-    from scaletrain.runlock import LEASE_FILE, RunInUseError, RunLock
+    from scaletrain.train.lease import LEASE_FILE, RunInUseError, RunLock
 
     lease = tmp_path / LEASE_FILE
     other = {"host": "node7", "pid": 4242, "job_id": "99", "token": "node7:4242:1", "heartbeat": time.time()}
@@ -152,7 +152,7 @@ def test_item7_lease_rules(tmp_path: Path, monkeypatch):
 def test_item7_heartbeat_renews_the_lease(tmp_path: Path):
     import json
 
-    from scaletrain.runlock import LEASE_FILE, RunLock
+    from scaletrain.train.lease import LEASE_FILE, RunLock
 
     with RunLock(tmp_path, heartbeat_s=0.05) as lock:
         first = json.loads((tmp_path / LEASE_FILE).read_text())["heartbeat"]

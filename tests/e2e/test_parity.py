@@ -81,7 +81,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_data: Path, tmp_path: Path, capsy
 
 
 def _run(spec: str, losses: list[float], tmp: Path, *, tp: bool = False, error: str | None = None):
-    from scaletrain.parity import BackendRun
+    from scaletrain.experiments.parity import BackendRun
 
     records = {i: {"step": i, "loss": v, "grad_norm": 1.0, "lr": 1e-3} for i, v in enumerate(losses, 1)}
     return BackendRun(spec, [], tmp / spec, tp=tp, records=records, error=error,
@@ -91,7 +91,7 @@ def _run(spec: str, losses: list[float], tmp: Path, *, tp: bool = False, error: 
 def _report(runs, steps: int, tolerance=None) -> int:
     import argparse
 
-    from scaletrain.parity import compare, report
+    from scaletrain.experiments.parity import compare, report
 
     args = argparse.Namespace(steps=steps, tolerance=tolerance)
     return report(runs, compare(runs, steps, tolerance), args, kept=True)
@@ -115,7 +115,7 @@ def test_a_backend_that_fails_shows_its_last_lines_and_exits_1(tmp_path: Path, c
 
 
 def test_the_tail_skips_the_launchers_report(tmp_path: Path):
-    from scaletrain.parity import _tail
+    from scaletrain.experiments.parity import _tail
 
     err = tmp_path / "x.err"
     err.write_text("error: bad thing\nerror: bad thing\n"

@@ -7,7 +7,7 @@ import pytest
 from helpers import read_metrics, tiny_overrides, train
 
 from scaletrain.config import ScheduleConfig
-from scaletrain.train_state import TrainState
+from scaletrain.train.state import TrainState
 
 
 @pytest.mark.timeout(200)

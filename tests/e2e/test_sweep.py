@@ -17,7 +17,7 @@ from helpers import child_env, kill_tree, run_cmd, tiny_overrides
 
 from scaletrain.config import config_to_toml, load_config
 from scaletrain.errors import ConfigError
-from scaletrain.sweep import load_space
+from scaletrain.experiments.sweep import load_space
 
 optuna = pytest.importorskip("optuna")
 
@@ -133,7 +133,7 @@ def test_space_errors_name_the_key(tmp_path, text, message):
 
 
 def test_space_values_must_make_valid_configs(tmp_path):
-    from scaletrain.sweep import check_space
+    from scaletrain.experiments.sweep import check_space
 
     path = tmp_path / "space.toml"
     path.write_text('["schedule.kind"]\ntype = "categorical"\nchoices = ["cosine", "sometimes"]\n')

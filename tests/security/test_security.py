@@ -17,10 +17,10 @@ import pytest
 
 from scaletrain import cli
 from scaletrain.checkpoint.dcp_safe import read_metadata
-from scaletrain.checkpoint.weights import load_weights_file
 from scaletrain.config import load_config
-from scaletrain.data import read_meta
+from scaletrain.data.format import read_meta
 from scaletrain.errors import ScaletrainError
+from scaletrain.model.weights import load_weights_file
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTCOMES: list[tuple[str, str, str]] = []

@@ -85,7 +85,7 @@ def test_config_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, scaletrain.config, scaletrain.checkpoint.layout, scaletrain.ds_config; "
+    code = ("import sys, scaletrain.config, scaletrain.checkpoint.layout, scaletrain.engines.ds_config; "
             "print('torch' in sys.modules or 'deepspeed' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.stdout.strip() == "False", out.stderr

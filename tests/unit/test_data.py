@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaletrain.data import Batches, BatchPlan, prepare, read_meta
+from scaletrain.data.format import read_meta
+from scaletrain.data.prepare import prepare
+from scaletrain.data.tokens import Batches, BatchPlan
 from scaletrain.errors import DataError
 
 

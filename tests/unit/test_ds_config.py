@@ -10,7 +10,7 @@ import pytest
 from helpers import REPO, tiny_overrides, train
 
 from scaletrain.config import load_config
-from scaletrain.ds_config import resolve_ds_config
+from scaletrain.engines.ds_config import resolve_ds_config
 from scaletrain.errors import ConfigError
 
 SHIPPED = sorted((REPO / "ds_configs").glob("*.json"))

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from scaletrain import flops
 from scaletrain.config import ModelConfig
-from scaletrain.model import GPT
+from scaletrain.model.gpt import GPT
+from scaletrain.train import flops
 
 
 def test_builtin_gpt_flops_per_token_by_hand():

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaletrain.data import Batches, BatchPlan, prepare, read_meta
+from scaletrain.data.format import read_meta
+from scaletrain.data.prepare import prepare
+from scaletrain.data.tokens import Batches, BatchPlan
 from scaletrain.errors import DataError, ScaletrainError
-from scaletrain.fsutil import replace_dir
+from scaletrain.io import replace_dir
 
 
 def _text(tmp_path: Path) -> Path:

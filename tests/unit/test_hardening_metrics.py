@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from scaletrain.metrics import truncate_metrics
+from scaletrain.train.metrics import truncate_metrics
 
 
 def test_truncate_metrics_torn_last_line(tmp_path: Path, caplog) -> None:

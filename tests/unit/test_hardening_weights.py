@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from scaletrain.checkpoint.weights import canonical_name
+from scaletrain.model.weights import canonical_name
 
 
 class _Inner(torch.nn.Module):
@@ -48,9 +48,9 @@ def test_item17_index_shard_names_stay_beside_the_index(tmp_path):
 
     import pytest
 
-    from scaletrain.checkpoint.weights import load_weights_file
     from scaletrain.errors import CheckpointError
-    from scaletrain.materialize import WeightsSource
+    from scaletrain.model.materialize import WeightsSource
+    from scaletrain.model.weights import load_weights_file
 
     for shard in ("../outside.safetensors", "/etc/x.safetensors", "model.safetensors.index.json"):
         index = tmp_path / "model.safetensors.index.json"

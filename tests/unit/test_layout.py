@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from scaletrain.checkpoint import consolidate, layout
-from scaletrain.checkpoint.weights import canonical_name, complete_tied, load_weights_file
 from scaletrain.errors import CheckpointError
+from scaletrain.model.weights import canonical_name, complete_tied, load_weights_file
 
 
 def make_tag(ckpt: Path, step: int, *, val_loss: float | None = None, payload: bytes = b"x" * 100) -> Path:

@@ -5,7 +5,8 @@ import torch
 
 from scaletrain.config import ModelConfig
 from scaletrain.errors import ConfigError
-from scaletrain.model import GPT, Block, block_classes, build_model, count_params
+from scaletrain.model.build import block_classes, build_model, count_params
+from scaletrain.model.gpt import GPT, Block
 
 
 def test_gpt_shapes_init_and_tying():
@@ -38,8 +39,8 @@ def test_bad_factories(spec, needle):
 
 def test_hf_models_take_their_blocks_from_no_split_modules():
     transformers = pytest.importorskip("transformers")
-    from scaletrain.model import block_classes
-    from scaletrain.parallel import model_blocks
+    from scaletrain.engines.parallel import model_blocks
+    from scaletrain.model.build import block_classes
 
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
                                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from scaletrain.config import ModelConfig, ScheduleConfig
-from scaletrain.model import GPT
+from scaletrain.model.gpt import GPT
 from scaletrain.optim import lr_at, param_groups
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from scaletrain.cli import main
 from scaletrain.config import load_config
+from scaletrain.engines.plan import activation_bytes, parse_backends, parse_bytes, plan_memory
 from scaletrain.errors import ConfigError
-from scaletrain.planner import activation_bytes, parse_backends, parse_bytes, plan_memory
 
 TINY = ["model.n_layer=1", "model.n_head=1", "model.n_embd=4", "model.block_size=4", "model.vocab_size=8",
         "train.micro_batch_size=2"]
@@ -162,7 +162,7 @@ def test_user_factories_and_hf_models_are_counted_from_their_meta_build():
     import hf_models
     import models
 
-    from scaletrain.model import count_params
+    from scaletrain.model.build import count_params
 
     cfg = load_config(None, ["model.factory=hf_models:gpt2", "model.vocab_size=50", "model.block_size=16"])
     e = plan_memory(cfg, 2, "ddp")

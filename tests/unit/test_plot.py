@@ -11,7 +11,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from scaletrain import cli, plot
+from scaletrain import cli
+from scaletrain.train import plot
 
 
 def _run(path: Path, steps: int, *, val_every: int = 5, scale: float = 1.0) -> Path:

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaletrain import prepare as prep
 from scaletrain.cli import main
-from scaletrain.data import read_meta
+from scaletrain.data import prepare as prep
+from scaletrain.data.format import read_meta
 from scaletrain.errors import DataError
 
 tokenizers = pytest.importorskip("tokenizers")

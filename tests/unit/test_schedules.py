@@ -7,7 +7,7 @@ import torch
 
 from scaletrain.config import ScheduleConfig
 from scaletrain.optim import lr_at
-from scaletrain.train_state import TrainState
+from scaletrain.train.state import TrainState
 
 
 def _torch_lrs(make, steps: int, peak: float) -> list[float]:

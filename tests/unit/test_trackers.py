@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from scaletrain.config import LoggingConfig
-from scaletrain.metrics import RankZeroSink, flatten_config
+from scaletrain.train.metrics import RankZeroSink, flatten_config
 
 CONFIG = {"run": {"name": "tiny", "seed": 3}, "model": {"n_layer": 2, "n_embd": 32, "factory": None},
           "optim": {"lr": 0.01, "betas": [0.9, 0.95]}}
@@ -60,7 +60,7 @@ def test_mlflow_reads_back(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
 
-    from scaletrain.metrics import mlflow_tracking_uri
+    from scaletrain.train.metrics import mlflow_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     _drive(tmp_path, "mlflow")
@@ -140,7 +140,7 @@ def test_wandb_offline_reads_back(tmp_path, monkeypatch):
 def test_sink_callback_forwards_saves(tmp_path):
     from types import SimpleNamespace
 
-    from scaletrain.callbacks import SinkCallback
+    from scaletrain.train.callbacks import SinkCallback
 
     seen = []
 
@@ -153,7 +153,7 @@ def test_sink_callback_forwards_saves(tmp_path):
 
 
 def test_run_summary_text(tmp_path):
-    from scaletrain.metrics import run_summary
+    from scaletrain.train.metrics import run_summary
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -175,8 +175,8 @@ def test_run_summary_text(tmp_path):
 def test_run_summary_without_eval_or_checkpoints(tmp_path):
     from types import SimpleNamespace
 
-    from scaletrain.callbacks import RunInfo
-    from scaletrain.metrics import SummaryCallback
+    from scaletrain.train.callbacks import RunInfo
+    from scaletrain.train.metrics import SummaryCallback
 
     printed: list[str] = []
     cb = SummaryCallback(printer=printed.append)

@@ -12,7 +12,7 @@ that has changed since, is refused in one line.
   `"model_type": "scaletrain-gpt"` (see `builtin_config` and docs/checkpoints.md, "Export"); the folder
   is what `model.init_from` reads back.
 
-Imports: torch, `scaletrain.config`, `scaletrain.materialize`, `scaletrain.model`,
+Imports: torch, `scaletrain.config`, `scaletrain.model.materialize`, `scaletrain.model.build`,
 `scaletrain.checkpoint.readers`, `scaletrain.errors`.
 """
 
@@ -28,8 +28,8 @@ import torch.nn as nn
 from scaletrain.checkpoint.readers import Reader
 from scaletrain.config import ModelConfig
 from scaletrain.errors import CheckpointError, ScaletrainError
-from scaletrain.materialize import build_on_meta, tie_groups
-from scaletrain.model import build_model
+from scaletrain.model.build import build_model
+from scaletrain.model.materialize import build_on_meta, tie_groups
 
 GPT_MODEL_TYPE = "scaletrain-gpt"
 # The ModelConfig fields that shape the built-in GPT (the rest say how to train or where from).

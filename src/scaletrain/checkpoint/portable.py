@@ -30,7 +30,7 @@ Writing, one parameter at a time (every rank reads the files itself; no collecti
 Peak memory: the three full fp32 tensors of one parameter (a DCP group of at most `budget` bytes).
 
 Imports: torch, `scaletrain.checkpoint` (`dcp_safe`, `deepspeed_state`, `layout`, `readers`,
-`torch_state`, `weights`, `zero_layout`), `scaletrain.materialize`, `scaletrain.errors`.
+`torch_state`, `zero_layout`), `scaletrain.model` (`materialize`, `weights`), `scaletrain.errors`.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor
 
 from scaletrain.checkpoint import dcp_safe, deepspeed_state, layout, readers, torch_state, zero_layout
-from scaletrain.checkpoint.weights import canonical_name
 from scaletrain.errors import CheckpointError
+from scaletrain.model.weights import canonical_name
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def _adamw_step(step: float, optimizer: torch.optim.Optimizer, p: torch.Tensor) 
 def restore_torch(source: Source, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Local (every rank reads the files). Weights and AdamW state into a torch-native model (plain,
     DDP-wrapped inside, FSDP2 or tensor-parallel DTensors). Returns how many parameters got moments."""
-    from scaletrain.materialize import local_piece
+    from scaletrain.model.materialize import local_piece
 
     with_moments = 0
     plan = _plan(source, model, lambda p: tuple(p.shape))

@@ -13,8 +13,8 @@ deepspeed  `<tag>/deepspeed/`: the fp32 master partitions, one rank's file at a 
            never read. DeepSpeed pickles a few of its own objects: they are read with
            `weights_only=True` and stand-ins for exactly those classes (`deepspeed_state.load_file`).
 
-Imports: torch, `scaletrain.checkpoint` (`dcp_safe`, `deepspeed_state`, `layout`, `torch_state`, `weights`,
-`zero_layout`), `scaletrain.errors`.
+Imports: torch, `scaletrain.checkpoint` (`dcp_safe`, `deepspeed_state`, `layout`, `torch_state`,
+`zero_layout`), `scaletrain.model.weights`, `scaletrain.errors`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from scaletrain.checkpoint import dcp_safe, deepspeed_state, layout, torch_state
-from scaletrain.checkpoint.weights import canonical_name
 from scaletrain.errors import CheckpointError
+from scaletrain.model.weights import canonical_name
 
 Write = Callable[[str, int, torch.Tensor], None]
 

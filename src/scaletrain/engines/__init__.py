@@ -1,10 +1,5 @@
-"""Engines behind one interface, chosen through the backend registry (`engines.registry`): the
-torch-native engine (DDP, FSDP2, tensor parallel) and DeepSpeed ZeRO. Backends are imported only
-when chosen, so a DDP run never imports deepspeed."""
-
-from __future__ import annotations
-
-from scaletrain.engines.base import Engine, EngineSpec, StepStats
-from scaletrain.engines.registry import build_engine
-
-__all__ = ["Engine", "EngineSpec", "StepStats", "build_engine"]
+"""Engines behind one interface (`base`), chosen through the backend registry (`registry`): the
+torch-native engine (DDP, FSDP2, tensor parallel) and DeepSpeed ZeRO, with what they compose
+(`parallel`, `tensor_parallel`, `ds_config`), the memory planner (`plan`) and ahead-of-time
+conversion (`convert`). Nothing is imported here, so reading a torch-free module of this package
+(`ds_config`, `registry`) stays torch-free."""

@@ -4,7 +4,7 @@ The loop talks to an Engine and never asks which backend it has. Public verbs ho
 and call small protected hooks each backend fills. Each verb says whether it is collective (every
 rank must call it, in the same order) or local.
 
-Imports: torch, `scaletrain.config`, `scaletrain.dist`, `scaletrain.objective`, `scaletrain.parallel`. Not: loop, cli.
+Imports: torch, `scaletrain.config`, `scaletrain.dist`, `scaletrain.objective`, `scaletrain.engines.parallel`. Not: loop, cli.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch.nn as nn
 
 from scaletrain.config import Precision
 from scaletrain.dist import DistContext
+from scaletrain.engines.parallel import DTYPES
 from scaletrain.objective import call_model
-from scaletrain.parallel import DTYPES
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ and converted for another world size by `scaletrain.checkpoint.deepspeed_state`;
 PyTorch-native engine is converted on the way in by `scaletrain.checkpoint.portable`.
 
 Imports: torch, deepspeed, `scaletrain.engines.base`, `scaletrain.engines.grads`, `scaletrain.checkpoint`, `scaletrain.config`,
-`scaletrain.ds_config`, `scaletrain.errors`, `scaletrain.materialize`, `scaletrain.model`, `scaletrain.optim`.
+`scaletrain.engines.ds_config`, `scaletrain.errors`, `scaletrain.model` (`build`, `materialize`, `weights`), `scaletrain.optim`.
 """
 
 from __future__ import annotations
@@ -29,20 +29,20 @@ import torch
 import torch.nn as nn
 
 from scaletrain.checkpoint import deepspeed_state, portable
-from scaletrain.checkpoint.weights import canonical_name
 from scaletrain.config import DeepSpeedConfig, OptimConfig
-from scaletrain.ds_config import HARNESS_SECTIONS, offload_on
 from scaletrain.engines.base import Engine, EngineSpec, StepStats
+from scaletrain.engines.ds_config import HARNESS_SECTIONS, offload_on
 from scaletrain.engines.grads import layer_grad_norms
 from scaletrain.errors import ConfigError, TrainingError
-from scaletrain.materialize import (
+from scaletrain.model.build import hidden_size
+from scaletrain.model.materialize import (
     WeightsSource,
     build_initialized,
     build_on_meta,
     parameter_value,
     tie_groups,
 )
-from scaletrain.model import hidden_size
+from scaletrain.model.weights import canonical_name
 from scaletrain.optim import param_groups
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ def build_zero3(factory: Callable[[], nn.Module], config: dict[str, Any], *, see
                 source: Path | None) -> nn.Module:
     """Collective. The model built inside `deepspeed.zero.Init`, so each parameter is partitioned as
     soon as its module is constructed and no rank ever holds the whole model; then every parameter
-    gets the harness's initial value (`scaletrain.materialize`: the same numbers as any other backend).
+    gets the harness's initial value (`scaletrain.model.materialize`: the same numbers as any other backend).
 
     Inside zero.Init a module's own initialiser writes into partitions already freed, so the values
     are set afterwards, one parameter at a time, under `GatheredParameters(modifier_rank=0)`: every

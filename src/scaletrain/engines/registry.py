@@ -16,7 +16,7 @@ compare, a conversion target):
 
 `spec_overrides("fsdp:hybrid_shard")` gives the config overrides a spec stands for; `spec_of(cfg)`
 names a config's backend the same way (recorded in meta.json). Imports: `scaletrain.config`,
-`scaletrain.errors`; `scaletrain.ds_config`, `scaletrain.tensor_parallel` and `scaletrain.engines` (torch)
+`scaletrain.errors`; `scaletrain.engines.ds_config`, `scaletrain.engines.tensor_parallel` and `scaletrain.engines` (torch)
 only inside functions.
 """
 
@@ -58,7 +58,7 @@ def _validate_torch(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"backend.tp_size={tp} composes with backend=fsdp (FSDP over the data-parallel "
                           f"ranks), not backend={cfg.backend.kind}; use backend=fsdp or the spec tp:{tp}")
     if tp > 1 and cfg.model.factory is None:
-        from scaletrain.tensor_parallel import validate_builtin
+        from scaletrain.engines.tensor_parallel import validate_builtin
 
         validate_builtin(cfg.model.n_head, cfg.model.n_embd, tp, world_size)
 
@@ -75,7 +75,7 @@ def _validate_deepspeed(cfg: Config, world_size: int) -> None:
     if cfg.backend.tp_size > 1:
         raise ConfigError("backend.tp_size > 1 is not supported with backend=deepspeed; use backend=fsdp for "
                           "tensor parallel")
-    from scaletrain.ds_config import resolve_ds_config
+    from scaletrain.engines.ds_config import resolve_ds_config
 
     resolve_ds_config(cfg, world_size=world_size)  # its JSON's "auto" values and conflicts
 
@@ -97,8 +97,8 @@ def _build_fsdp(spec: EngineSpec, cfg: Config) -> Engine:
 
 
 def _build_deepspeed(spec: EngineSpec, cfg: Config) -> Engine:
-    from scaletrain.ds_config import resolve_ds_config
     from scaletrain.engines.deepspeed_zero import DeepSpeedEngine
+    from scaletrain.engines.ds_config import resolve_ds_config
 
     def resolve(hidden_size: int | None = None) -> dict:
         return resolve_ds_config(cfg, world_size=spec.ctx.world_size, hidden_size=hidden_size)
@@ -120,6 +120,17 @@ def backend(cfg: Config) -> Backend:
 def validate(cfg: Config, world_size: int) -> None:
     """Everything a backend can check before any process group exists. Raises ConfigError."""
     backend(cfg).validate(cfg, world_size)
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    """Ranks that each read their own share of the global batch (the others hold model shards)."""
+    return world_size // cfg.backend.tp_size
+
+
+def data_parallel_rank(cfg: Config, rank: int) -> int:
+    """The share of the global batch that `rank` reads: ranks of one model-parallel group (neighbours
+    on the mesh's innermost dimension) read the same one."""
+    return rank // cfg.backend.tp_size
 
 
 def build_engine(spec: EngineSpec, cfg: Config) -> Engine:
@@ -180,7 +191,7 @@ def spec_of(cfg: Config) -> str:
     ds = b.deepspeed
     stage, offload = (ds.stage if ds.stage is not None else 2), bool(ds.offload_optimizer)
     if ds.config is not None:
-        from scaletrain.ds_config import offload_on, read_ds_json
+        from scaletrain.engines.ds_config import offload_on, read_ds_json
 
         zero = read_ds_json(ds.config).get("zero_optimization", {})
         stage = ds.stage if ds.stage is not None else zero.get("stage", 2)

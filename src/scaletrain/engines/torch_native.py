@@ -3,11 +3,11 @@ mixed precision), tensor parallel, and their compositions.
 
 The engine owns the model, the optimizer, the fp16 loss scaler, clipping, the update and checkpoint
 I/O; how the model is parallelised is decided once, at construction, by composing the `apply_*`
-functions of `scaletrain.parallel` over one device mesh, in torchtitan's order: tensor parallel,
+functions of `scaletrain.engines.parallel` over one device mesh, in torchtitan's order: tensor parallel,
 activation checkpointing, compile, then FSDP (or DDP). Checkpoints go through
 `checkpoint.torch_state`, so every strategy reads every other's files at any world size; a DeepSpeed
 tag is converted on the way in by `checkpoint.portable` (weights and AdamW state by parameter name).
-Imports: torch, `scaletrain.engines`, `scaletrain.parallel`, `scaletrain.materialize`, `scaletrain.checkpoint`,
+Imports: torch, `scaletrain.engines`, `scaletrain.engines.parallel`, `scaletrain.model.materialize`, `scaletrain.checkpoint`,
 `scaletrain.config`.
 """
 
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from scaletrain import parallel
 from scaletrain.checkpoint import portable, torch_state
 from scaletrain.config import DDPConfig, FSDPConfig
+from scaletrain.engines import parallel
 from scaletrain.engines.base import Engine, EngineSpec, StepStats
 from scaletrain.engines.grads import (
     LossScaler,
@@ -35,7 +35,7 @@ from scaletrain.engines.grads import (
     local_grads,
     torch_grad_pieces,
 )
-from scaletrain.materialize import build_initialized, build_on_meta, materialize
+from scaletrain.model.materialize import build_initialized, build_on_meta, materialize
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ agrees; 1 a backend diverges or fails to run (its last stderr lines are shown); 
 interrupted. Each run starts in a session of its own and is killed as a group on timeout or interrupt.
 
 Imports: rich (lazily), `scaletrain.config`, `scaletrain.engines.registry`, `scaletrain.errors`,
-`scaletrain.loop` (lazily, for its checks), `scaletrain.sweep` (its process-group helpers).
+`scaletrain.train.loop` (lazily, for its checks), `scaletrain.procs` (child processes).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any
 from scaletrain.config import load_config, parse_overrides
 from scaletrain.engines.registry import SPEC_HELP, spec_overrides
 from scaletrain.errors import ConfigError, ExitCode
-from scaletrain.sweep import _die_with_parent_fn, _kill_group
+from scaletrain.procs import Interrupted, die_with_parent_fn, kill_group
 
 DEFAULT_TOLERANCE = 1e-4
 DEFAULT_TP_TOLERANCE = 1e-3
@@ -134,7 +134,7 @@ def plan_runs(args: argparse.Namespace, out: Path) -> list[BackendRun]:
     specs = parse_specs(args.backends)
     _check_owned(list(args.overrides), "overrides")
     extra = parse_backend_overrides(list(args.override), specs)
-    from scaletrain.loop import plan_run  # torch: only once the flags are known to be good
+    from scaletrain.train.loop import plan_run
     runs = []
     for i, spec in enumerate(specs, 1):
         run_dir = out / _folder_name(i, spec)
@@ -171,9 +171,6 @@ def plan_runs(args: argparse.Namespace, out: Path) -> list[BackendRun]:
 # Running
 
 
-class _Interrupted(Exception):
-    pass
-
 
 def _child_env() -> dict[str, str]:
     launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
@@ -209,21 +206,21 @@ def _read_records(run_dir: Path) -> dict[int, dict[str, Any]]:
 def launch(args: argparse.Namespace, run: BackendRun, out: Path) -> None:
     """One backend's training run, to the end or its timeout. Fills run.records or run.error."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           # `-m scaletrain.sweep` ties each worker to its launcher before anything else, then runs `scaletrain`.
-           "-m", "scaletrain.sweep", "train", *(["--config", str(args.config)] if args.config else []),
+           # `-m scaletrain.procs` ties each worker to its launcher before anything else, then runs `scaletrain`.
+           "-m", "scaletrain.procs", "train", *(["--config", str(args.config)] if args.config else []),
            *args.overrides, *run.overrides]
     log_out, log_err = out / f"{run.run_dir.name}.log", out / f"{run.run_dir.name}.err"
     start = time.monotonic()
     with open(log_out, "wb") as fo, open(log_err, "wb") as fe:
         proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=_child_env(), start_new_session=True,
-                                preexec_fn=_die_with_parent_fn())
+                                preexec_fn=die_with_parent_fn())
     try:
         rc = proc.wait(timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_group(proc)
         rc = None
     except BaseException:
-        _kill_group(proc)
+        kill_group(proc)
         raise
     run.seconds = time.monotonic() - start
     run.records = _read_records(run.run_dir)
@@ -367,7 +364,7 @@ def run_parity(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
 
         def interrupt(signum: int, _frame: Any) -> None:
-            raise _Interrupted(signal.Signals(signum).name)
+            raise Interrupted(signal.Signals(signum).name)
 
         previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
@@ -376,7 +373,7 @@ def run_parity(args: argparse.Namespace) -> int:
                 launch(args, run, out)
                 state = f"failed ({run.error})" if run.error else "done"
                 print(f"parity: [{i}/{len(runs)}] {run.spec} {state} in {run.seconds:.0f}s", file=sys.stderr, flush=True)
-        except (_Interrupted, KeyboardInterrupt) as e:
+        except (Interrupted, KeyboardInterrupt) as e:
             print(f"parity interrupted ({e or 'SIGINT'}); the running backend was stopped", file=sys.stderr)
             return 130
         finally:
@@ -389,24 +386,3 @@ def run_parity(args: argparse.Namespace) -> int:
     finally:
         if remove:
             shutil.rmtree(out, ignore_errors=True)
-
-
-def add_command(subparsers: Any) -> None:
-    p = subparsers.add_parser("parity", help="run the same steps on several backends and compare losses, "
-                                             "gradient norms and learning rates")
-    p.add_argument("--config", type=Path, help="TOML/JSON/YAML config shared by every backend")
-    p.add_argument("--backends", required=True, metavar="SPEC,SPEC,...",
-                   help=f"comma-separated backend specs, the first is the reference: {SPEC_HELP}")
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps per backend (default 10)")
-    p.add_argument("--nproc", type=int, default=2, help="processes per run (default 2)")
-    p.add_argument("--tolerance", type=float, default=None,
-                   help=f"relative tolerance for every backend (default {DEFAULT_TOLERANCE:g}, "
-                        f"{DEFAULT_TP_TOLERANCE:g} for tp:N specs)")
-    p.add_argument("--override", action="append", default=[], metavar="SPEC:key=value",
-                   help="a config override for one backend, e.g. fsdp:optim.lr=2e-3 (repeatable)")
-    p.add_argument("--out", type=Path, help="folder for the run folders and logs (kept; default: a temporary "
-                                            "folder, removed at the end unless --keep)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder and print where it is")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds one backend's run may take (default 1800)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every backend")
-    p.set_defaults(func=run_parity)

@@ -12,7 +12,7 @@ ahead of the loop. Evaluation reads every validation example exactly once: each 
 contiguous share (sizes differ by at most one), and a rank whose share runs out first runs its
 remaining forwards on a filler batch that is not counted, since sharded backends need every rank
 in every forward.
-Imports: numpy, torch, `scaletrain.data`, `scaletrain.errors`, `scaletrain.hooks`, `scaletrain.objective`.
+Imports: numpy, torch, `scaletrain.data.tokens`, `scaletrain.errors`, `scaletrain.hooks`, `scaletrain.objective`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scaletrain import data as data_mod
+from scaletrain.data.tokens import Batches, BatchPlan
 from scaletrain.errors import ConfigError, DataError
 from scaletrain.hooks import import_callable
 from scaletrain.objective import TokenBatch
@@ -140,7 +140,7 @@ class DatasetSource:
 
     fixed_count = False
 
-    def __init__(self, train: Any, val: Any, *, plan: data_mod.BatchPlan, rank: int, seed: int, max_steps: int,
+    def __init__(self, train: Any, val: Any, *, plan: BatchPlan, rank: int, seed: int, max_steps: int,
                  collate: str | None, pad_id: int, ignore_index: int, num_workers: int, pin_memory: bool) -> None:
         self.train_set, self.val_set = train, val
         self.plan, self.rank, self.seed, self.max_steps = plan, rank, seed, max_steps
@@ -202,7 +202,7 @@ class TokenSource:
 
     fixed_count = True
 
-    def __init__(self, batches: data_mod.Batches, block_size: int) -> None:
+    def __init__(self, batches: Batches, block_size: int) -> None:
         self.batches, self.block_size = batches, block_size
 
     @property

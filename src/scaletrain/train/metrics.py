@@ -2,7 +2,7 @@
 sink that does nothing on every other rank (so call sites never branch on rank).
 
 Also the end-of-run summary (`run_summary`, printed by `SummaryCallback`).
-Never runs a collective. Imports: rich, `scaletrain.config`, `scaletrain.callbacks`,
+Never runs a collective. Imports: rich, `scaletrain.config`, `scaletrain.train.callbacks`,
 `scaletrain.checkpoint.layout`.
 """
 
@@ -21,9 +21,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from scaletrain.callbacks import Callback, RunInfo
 from scaletrain.checkpoint import layout
 from scaletrain.config import LoggingConfig
+from scaletrain.train.callbacks import Callback, RunInfo
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ hook (the built-in GPT has one), a HuggingFace model's `_init_weights(module)`, 
 `reset_parameters()`. A model none of these covers is refused with one line naming the hook to write.
 A tied parameter takes its value from whichever of its names the source holds (Hugging Face files
 leave `lm_head.weight` out when it is tied to the input embedding).
-Imports: torch, safetensors, `scaletrain.checkpoint`, `scaletrain.errors`.
+Imports: torch, safetensors, `scaletrain.model.weights`, `scaletrain.errors`.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from scaletrain.checkpoint.weights import canonical_name
 from scaletrain.errors import CheckpointError, ConfigError
+from scaletrain.model.weights import canonical_name
 
 log = logging.getLogger(__name__)
 

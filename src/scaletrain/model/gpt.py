@@ -6,12 +6,11 @@ The model contract every engine relies on (docs/models.md):
   * parameters are created on the CPU (or the meta device) in fp32; engines move and cast them;
   * the attribute `block_classes` (optional) names the module classes that FSDP shards one by one
     and activation checkpointing wraps; `backend.fsdp.wrap_classes` overrides it.
-Knows nothing of engines. Imports: torch, `scaletrain.config`, `scaletrain.errors`, `scaletrain.hooks`.
+Knows nothing of engines. Imports: torch, `scaletrain.config`.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from typing import ClassVar
@@ -21,8 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scaletrain.config import ModelConfig
-from scaletrain.errors import ConfigError
-from scaletrain.hooks import import_callable
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +112,7 @@ class GPT(nn.Module):
     def init_parameter(self, name: str, tensor: torch.Tensor) -> None:
         """Fill the full tensor of parameter `name` in place: N(0, 0.02) for matrices, residual output
         projections scaled by 1/sqrt(2 * n_layer), biases zero, norm gains one (GPT-2's init). The
-        harness calls it under an RNG seeded from (seed, name) (`scaletrain.materialize`)."""
+        harness calls it under an RNG seeded from (seed, name) (`scaletrain.model.materialize`)."""
         if tensor.dim() >= 2:
             std = 0.02 / math.sqrt(2 * self.n_layer) if name.endswith("proj.weight") else 0.02
             nn.init.normal_(tensor, mean=0.0, std=std)
@@ -133,54 +130,3 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))
-
-
-def count_params(model: nn.Module) -> int:
-    """Distinct parameters (tied weights once), by their global size even when sharded."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitions hold their full size here
-    return total
-
-
-def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    """The built-in GPT, or `factory(cfg, vocab_size)` (a factory may take just `cfg`)."""
-    if cfg.factory is None:
-        return GPT(cfg, vocab_size)
-    fn = import_callable(cfg.factory, "model.factory")
-    n_args = len(inspect.signature(fn).parameters)
-    model = fn(cfg, vocab_size) if n_args >= 2 else fn(cfg)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model.factory: {cfg.factory} returned {type(model).__name__}, not an nn.Module")
-    return model
-
-
-def hidden_size(model: nn.Module) -> int | None:
-    """The model's width: a HuggingFace config's `hidden_size`, else the first embedding's dimension."""
-    width = getattr(getattr(model, "config", None), "hidden_size", None)
-    if isinstance(width, int):
-        return width
-    return next((m.embedding_dim for m in model.modules() if isinstance(m, nn.Embedding)), None)
-
-
-def block_classes(model: nn.Module, names: tuple[str, ...] = ()) -> tuple[type[nn.Module], ...]:
-    """Classes to shard/checkpoint one by one: by name from config, else the model's `block_classes`."""
-    if not names:
-        own = tuple(getattr(model, "block_classes", ()))
-        if own:
-            return own
-        # A HuggingFace model names the classes it must not split across devices (its decoder layers).
-        no_split = set(getattr(model, "_no_split_modules", None) or ())
-        found = {type(m) for m in model.modules() if type(m).__name__ in no_split and m is not model}
-        return tuple(sorted(found, key=lambda c: c.__name__))
-    found = {type(m).__name__: type(m) for m in model.modules()}
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise ConfigError(
-            f"backend.fsdp.wrap_classes: {missing} match no module of the model; "
-            f"its classes are {sorted(found)}"
-        )
-    return tuple(found[n] for n in names)

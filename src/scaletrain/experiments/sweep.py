@@ -19,47 +19,29 @@ space.toml holds one table per dotted config key:
     ["optim.lr"]            type = "float", low = 1e-4, high = 1e-1, log = true
     ["train.micro_batch_size"] type = "int", low = 2, high = 8  (optional step, log)
     ["schedule.kind"]       type = "categorical", choices = ["cosine", "wsd"]
-Imports: optuna (lazily), `scaletrain.callbacks`, `scaletrain.config`, `scaletrain.engines.registry` (--backend), `scaletrain.errors`.
+Imports: optuna (lazily), `scaletrain.config`, `scaletrain.procs`, `scaletrain.train.trial`, `scaletrain.engines.registry` (--backend), `scaletrain.errors`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scaletrain.callbacks import Callback, RunInfo
 from scaletrain.config import Config, config_to_toml, load_config, read_config_file, valid_keys
-from scaletrain.errors import ConfigError, ExitCode
-
-ENV_TRIAL = "SCALETRAIN_SWEEP_TRIAL"  # the trial's id in the storage
-ENV_STORAGE = "SCALETRAIN_SWEEP_STORAGE"
-ENV_STUDY = "SCALETRAIN_SWEEP_STUDY"
-ENV_PRUNER = "SCALETRAIN_SWEEP_PRUNER"  # "median:<startup trials>:<warmup steps>" or "none"
+from scaletrain.errors import ConfigError
+from scaletrain.procs import Interrupted, die_with_parent_fn, kill_group
+from scaletrain.train.trial import ENV_PRUNER, ENV_STORAGE, ENV_STUDY, ENV_TRIAL, _optuna, make_pruner
 
 PARAM_TYPES = ("float", "int", "categorical")
-
-
-def _optuna() -> Any:
-    try:
-        import optuna
-    except ImportError as e:
-        raise ConfigError("sweep: optuna is not installed; pip install 'scaletrain[sweep]'") from e
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Heartbeats are driven by hand here (the sweep waits on a subprocess, not on Study.optimize).
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    return optuna
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,88 +141,12 @@ def suggest(trial: Any, space: dict[str, Param]) -> dict[str, Any]:
     return out
 
 
-def make_pruner(spec: str) -> Any:
-    optuna = _optuna()
-    if spec == "none":
-        return optuna.pruners.NopPruner()
-    _, startup, warmup = spec.split(":")
-    return optuna.pruners.MedianPruner(n_startup_trials=int(startup), n_warmup_steps=int(warmup))
-
-
 # ---------------------------------------------------------------------------------------------
 # Inside a trial (rank 0 talks to the study; every rank votes)
 
 
-class TrialCallback(Callback):
-    """Reports each validation loss to the trial and votes to stop when the pruner says so, or when
-    the loss is not finite. Only rank 0 touches the storage; the loop agrees on the vote."""
-
-    def __init__(self, storage_url: str, study_name: str, trial_id: int, pruner: str) -> None:
-        self.storage_url, self.study_name, self.trial_id, self.pruner = storage_url, study_name, trial_id, pruner
-        self._trial: Any = None
-
-    def _get(self) -> Any:
-        if self._trial is None:
-            optuna = _optuna()
-            study = optuna.load_study(study_name=self.study_name, storage=self.storage_url,
-                                      pruner=make_pruner(self.pruner))
-            self._trial = optuna.trial.Trial(study, self.trial_id)
-        return self._trial
-
-    def on_eval(self, run: RunInfo, state: Any, val_loss: float) -> bool | None:
-        if not run.is_main:
-            return None
-        trial = self._get()
-        if not math.isfinite(val_loss):
-            trial.set_user_attr("fail_reason", f"non-finite validation loss ({val_loss}) at step {state.step}")
-            return True
-        trial.report(val_loss, state.step)
-        if trial.should_prune():
-            trial.set_user_attr("pruned_at_step", state.step)
-            return True
-        return None
-
-
-def trial_callback_from_env() -> TrialCallback:
-    try:
-        return TrialCallback(os.environ[ENV_STORAGE], os.environ[ENV_STUDY], int(os.environ[ENV_TRIAL]),
-                             os.environ.get(ENV_PRUNER, "none"))
-    except (KeyError, ValueError) as e:
-        raise ConfigError(f"{ENV_TRIAL} is set but the sweep's other variables are missing or bad ({e}); "
-                          "start trials through `scaletrain sweep`") from None
-
-
 # ---------------------------------------------------------------------------------------------
 # The sweep process
-
-
-def _die_with_parent_fn() -> Any:
-    """A preexec_fn that has the kernel SIGKILL the child when the sweep dies (Linux's PR_SET_PDEATHSIG);
-    elsewhere None (children then rely on the sweep's own cleanup)."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    sigkill = int(signal.SIGKILL)
-
-    def set_death_signal() -> None:  # runs in the child between fork and exec
-        prctl(1, sigkill, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-
-    return set_death_signal
-
-
-def _kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the trial's session (torchrun forwards it to its workers), then SIGKILL what is left."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def _finished(study: Any) -> list[Any]:
@@ -271,18 +177,14 @@ def _error_line(log_path: Path) -> str:
     return ""
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def _trial_cmd(args: argparse.Namespace, params: dict[str, Any], run_dir: Path) -> list[str]:
     train_args = [*(["--config", str(args.config)] if args.config else []), *args.overrides,
                   *param_overrides(params), f"run.out_dir={run_dir}"]
     if args.nproc == 1:
         return [sys.executable, "-m", "scaletrain", "train", *train_args]
-    # Each worker starts as `python -m scaletrain.sweep`, which ties it to torchrun before anything else.
+    # Each worker starts as `python -m scaletrain.procs`, which ties it to torchrun before anything else.
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-            "-m", "scaletrain.sweep", "train", *train_args]
+            "-m", "scaletrain.procs", "train", *train_args]
 
 
 def _run_trial(args: argparse.Namespace, study: Any, trial: Any, params: dict[str, Any], url: str,
@@ -299,7 +201,7 @@ def _run_trial(args: argparse.Namespace, study: Any, trial: Any, params: dict[st
     print(f"trial {trial.number}: {params} -> {run_dir}", flush=True)
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(_trial_cmd(args, params, run_dir), stdout=log_file, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True, preexec_fn=_die_with_parent_fn())
+                                env=env, start_new_session=True, preexec_fn=die_with_parent_fn())
     try:
         while True:
             study._storage.record_heartbeat(trial._trial_id)
@@ -309,7 +211,7 @@ def _run_trial(args: argparse.Namespace, study: Any, trial: Any, params: dict[st
             except subprocess.TimeoutExpired:
                 continue
     except BaseException:
-        _kill_group(proc)
+        kill_group(proc)
         trial.set_user_attr("fail_reason", "the sweep was interrupted")
         trial.set_user_attr("interrupted", True)
         study.tell(trial, state=ts.FAIL)
@@ -367,7 +269,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     optuna.storages.fail_stale_trials(study)  # trials of a sweep that was killed
 
     def interrupt(signum: int, _frame: Any) -> None:
-        raise _Interrupted(signal.Signals(signum).name)
+        raise Interrupted(signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
@@ -376,7 +278,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))
             trial = study.ask()
             _run_trial(args, study, trial, suggest(trial, space), url, out)
-    except _Interrupted as e:
+    except Interrupted as e:
         print(f"sweep interrupted by {e}; run the same command again to continue", file=sys.stderr)
         return 130
     finally:
@@ -392,49 +294,3 @@ def run_sweep(args: argparse.Namespace) -> int:
     (out / "best.toml").write_text(config_to_toml(cfg))
     print(f"best: trial {best.number} value {best.value:.4f} {best.params}; config in {out / 'best.toml'}")
     return 0
-
-
-def add_command(subparsers: Any) -> None:
-    p = subparsers.add_parser("sweep", help="hyperparameter search with Optuna (pip install 'scaletrain[sweep]')")
-    p.add_argument("--config", type=Path, help="base TOML/JSON/YAML config")
-    p.add_argument("--space", type=Path, required=True, help="search space TOML: one table per dotted key")
-    p.add_argument("--trials", type=int, required=True, help="finished trials the study should hold in all")
-    p.add_argument("--study", help="study name (default: the config file's name)")
-    p.add_argument("--storage", help="Optuna storage URL (default: sqlite in the output folder)")
-    p.add_argument("--out", type=Path, help="output folder (default: runs/sweep-<study>)")
-    p.add_argument("--nproc", type=int, default=1, help="processes per trial (torchrun when > 1)")
-    p.add_argument("--backend", help="backend spec for every trial: ddp, fsdp[:strategy], tp:N, deepspeed[:stage][+offload]")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed")
-    p.add_argument("--pruner", choices=("median", "none"), default="median")
-    p.add_argument("--pruner-startup-trials", type=int, default=1, help="trials completed before pruning starts")
-    p.add_argument("--pruner-warmup-steps", type=int, default=0, help="steps of a trial before it can be pruned")
-    p.add_argument("--heartbeat-interval", type=int, default=5, help="seconds between a trial's heartbeats")
-    p.add_argument("--grace-period", type=int, default=20,
-                   help="seconds without a heartbeat after which a running trial counts as lost")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every trial")
-
-    def run(args: argparse.Namespace) -> int:
-        for name in ("trials", "nproc", "heartbeat_interval", "grace_period"):
-            if getattr(args, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-        return run_sweep(args)
-
-    p.set_defaults(func=run)
-
-
-def _worker_main() -> None:
-    """A trial's worker under torchrun: bound to die with its launcher from its first instant, then the
-    `scaletrain` command. The loop's own parent watch starts only after torch is imported, seconds
-    later; a sweep killed in between would otherwise leave the workers behind, waiting on a dead store."""
-    set_death_signal = _die_with_parent_fn()
-    if set_death_signal is not None:
-        set_death_signal()
-    if os.getppid() == 1:  # the launcher died before the death signal was armed
-        os._exit(ExitCode.LAUNCHER_GONE)
-    import runpy
-
-    runpy.run_module("scaletrain", run_name="__main__", alter_sys=True)
-
-
-if __name__ == "__main__":
-    _worker_main()

@@ -19,12 +19,11 @@ The source is verified first (sizes and sha256 of every file): a damaged tag is 
 `checkpoint.resume=DIR`.
 
 Imports: torch, `scaletrain.checkpoint` (`layout`, `manager`), `scaletrain.config`, `scaletrain.dist`,
-`scaletrain.engines`, `scaletrain.errors`, `scaletrain.model`, `scaletrain.optim`.
+`scaletrain.engines`, `scaletrain.errors`, `scaletrain.model.build`, `scaletrain.optim`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import multiprocessing as mp
@@ -110,8 +109,9 @@ def _convert_rank(tag: Path, meta: dict[str, Any], spec: str, out: Path) -> str 
     from scaletrain import dist
     from scaletrain.checkpoint.manager import CheckpointManager
     from scaletrain.config import resolve_grad_accum
-    from scaletrain.engines import EngineSpec, registry
-    from scaletrain.model import build_model
+    from scaletrain.engines import registry
+    from scaletrain.engines.base import EngineSpec
+    from scaletrain.model.build import build_model
     from scaletrain.optim import build_adamw
 
     cfg = target_config(meta, spec)
@@ -194,22 +194,3 @@ def convert(ckpt: Path, spec: str, *, world: int | None = None, out: Path | None
     if errors:
         raise CheckpointError(errors[0] if errors[0].startswith(("convert", "checkpoint")) else f"convert: {errors[0]}")
     return Path(written) if written else final
-
-
-def run(args: argparse.Namespace) -> int:
-    written = convert(Path(args.ckpt), args.to, world=args.world, out=Path(args.out) if args.out else None)
-    print(f"wrote {written}; resume with checkpoint.resume={written.parent}")
-    return 0
-
-
-def add_command(subparsers: Any) -> None:
-    from scaletrain.engines.registry import SPEC_HELP
-
-    p = subparsers.add_parser("convert", help="rewrite a checkpoint tag for another backend and world size, "
-                                              "optimizer state included")
-    p.add_argument("ckpt", metavar="CKPT", help="a tag folder, or a run's ckpt/ folder (the tag `latest` names)")
-    p.add_argument("--to", required=True, metavar="SPEC", help=f"target backend: {SPEC_HELP}")
-    p.add_argument("--world", type=int, help="processes the run will resume on (needed for deepspeed targets; "
-                                             "torch-native tags reshard to any world)")
-    p.add_argument("--out", help="ckpt folder to write into (default <run>/converted/<spec>-w<N>/)")
-    p.set_defaults(func=run)

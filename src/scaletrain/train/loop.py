@@ -6,10 +6,10 @@ rank. `train` then builds the engine and runs. The loop never asks which backend
 is behind the engine's verbs and the registry's entries, and what users add comes in as callbacks.
 Rank-0-only work is limited to the metrics sink and the checkpoint manifest; evaluation runs on every
 rank (a rank-0-only forward hangs FSDP and ZeRO-3).
-Imports: `scaletrain.config`, `scaletrain.data`, `scaletrain.sources`, `scaletrain.objective`, `scaletrain.hooks`,
-`scaletrain.dist`, `scaletrain.engines`, `scaletrain.checkpoint`, `scaletrain.callbacks`, `scaletrain.train_state`,
-`scaletrain.metrics`, `scaletrain.flops`, `scaletrain.plot` (logging.plot), `scaletrain.model`, `scaletrain.optim`, `scaletrain.runlock`, `scaletrain.errors`,
-`scaletrain.materialize` (the `model.init_from` check), `scaletrain.sweep` (only in a sweep trial).
+Imports: `scaletrain.config`, `scaletrain.data` (`format`, `sources`, `tokens`), `scaletrain.objective`, `scaletrain.hooks`,
+`scaletrain.dist`, `scaletrain.engines`, `scaletrain.checkpoint`, `scaletrain.train.callbacks`, `scaletrain.train.state`,
+`scaletrain.train.metrics`, `scaletrain.train.flops`, `scaletrain.train.plot` (logging.plot), `scaletrain.model.build`, `scaletrain.optim`, `scaletrain.train.lease`, `scaletrain.errors`,
+`scaletrain.model.materialize` (the `model.init_from` check), `scaletrain.train.trial` (only in a sweep trial).
 """
 
 from __future__ import annotations
@@ -25,22 +25,30 @@ from typing import Any, NamedTuple
 
 import torch
 
-from scaletrain import data as data_mod
 from scaletrain import dist
-from scaletrain.callbacks import Callback, CallbackList, RunInfo, SinkCallback
 from scaletrain.checkpoint.manager import CheckpointManager
 from scaletrain.config import Config, TrainConfig, resolve_grad_accum
-from scaletrain.engines import Engine, EngineSpec, registry
+from scaletrain.data.format import DataMeta, read_meta
+from scaletrain.data.sources import TokenSource
+from scaletrain.data.tokens import Batches, BatchPlan
+from scaletrain.engines import registry
+from scaletrain.engines.base import Engine, EngineSpec
 from scaletrain.errors import ConfigError, TrainingError
-from scaletrain.flops import MFUMeter
 from scaletrain.hooks import import_callable
-from scaletrain.metrics import SummaryCallback, Throughput, layer_norm_record, make_sink, truncate_metrics
-from scaletrain.model import build_model, count_params
+from scaletrain.model.build import build_model, count_params
 from scaletrain.objective import HookError, Objective, is_causal_lm, to_device
 from scaletrain.optim import build_adamw, lr_at
-from scaletrain.runlock import RunInUseError, RunLock, check_free
-from scaletrain.sources import TokenSource
-from scaletrain.train_state import TrainState, rng_state, set_rng_state
+from scaletrain.train.callbacks import Callback, CallbackList, RunInfo, SinkCallback
+from scaletrain.train.flops import MFUMeter
+from scaletrain.train.lease import RunInUseError, RunLock, check_free
+from scaletrain.train.metrics import (
+    SummaryCallback,
+    Throughput,
+    layer_norm_record,
+    make_sink,
+    truncate_metrics,
+)
+from scaletrain.train.state import TrainState, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +56,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RunPlan:
     cfg: Config  # with train.max_steps resolved from train.epochs where that was given
-    data_meta: data_mod.DataMeta | None  # token folders; None for data.factory datasets
-    batch: data_mod.BatchPlan  # world_size here is the data-parallel size (world / tp_size)
+    data_meta: DataMeta | None  # token folders; None for data.factory datasets
+    batch: BatchPlan  # world_size here is the data-parallel size
     vocab_size: int | None
     datasets: tuple[Any, Any] | None = None  # (train, val) from data.factory
 
@@ -66,9 +74,9 @@ class RunResult:
     best_checkpoint: Path | None = None  # the tag `ckpt/best` names (lowest validation loss), if any
 
 
-def resolve_batch(train: TrainConfig, dp_size: int) -> data_mod.BatchPlan:
+def resolve_batch(train: TrainConfig, dp_size: int) -> BatchPlan:
     """grad_accum from train.global_batch_size when given; a global batch that does not divide fails."""
-    return data_mod.BatchPlan(train.micro_batch_size, resolve_grad_accum(train, dp_size), dp_size)
+    return BatchPlan(train.micro_batch_size, resolve_grad_accum(train, dp_size), dp_size)
 
 
 def plan_run(cfg: Config, world_size: int) -> RunPlan:
@@ -83,7 +91,7 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     if cfg.train.epochs is not None:
         raise ConfigError("train.epochs: token folders are sampled without epochs; set train.max_steps "
                           "(or use data.factory datasets)")
-    meta = data_mod.read_meta(cfg.data.path, cfg.data.vocab_size)
+    meta = read_meta(cfg.data.path, cfg.data.vocab_size)
     for split, n in (("train", meta.train_tokens), ("val", meta.val_tokens)):
         if n <= cfg.model.block_size:
             raise ConfigError(
@@ -94,20 +102,20 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     if vocab < meta.vocab_size:
         raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the data's vocab_size ({meta.vocab_size})")
     _check_common(cfg, world_size)
-    batch = resolve_batch(cfg.train, world_size // cfg.backend.tp_size)
+    batch = resolve_batch(cfg.train, registry.data_parallel_size(cfg, world_size))
     _check_run_dir(cfg)
     return RunPlan(cfg, meta, batch, vocab)
 
 
 def _plan_datasets(cfg: Config, world_size: int) -> RunPlan:
     """data.factory: the datasets are built here (every rank, before any process group) and checked."""
-    from scaletrain.sources import load_datasets
+    from scaletrain.data.sources import load_datasets
 
     if cfg.data.collate:
         import_callable(cfg.data.collate, "data.collate")
     train_ds, val_ds = load_datasets(cfg.data.factory)
     _check_common(cfg, world_size)
-    batch = resolve_batch(cfg.train, world_size // cfg.backend.tp_size)
+    batch = resolve_batch(cfg.train, registry.data_parallel_size(cfg, world_size))
     per_epoch = len(train_ds) // batch.global_batch_size
     if per_epoch < 1:
         raise ConfigError(f"data.factory: {len(train_ds)} training examples are fewer than one global batch "
@@ -129,7 +137,7 @@ def _plan_datasets(cfg: Config, world_size: int) -> RunPlan:
 
 def _check_common(cfg: Config, world_size: int) -> None:
     if cfg.model.init_from is not None:  # a weights file, or a folder holding model.safetensors (HF)
-        from scaletrain.materialize import check_weights_source
+        from scaletrain.model.materialize import check_weights_source
 
         check_weights_source(cfg.model.init_from)
     if cfg.train.eval_only and not cfg.train.eval_steps:
@@ -217,16 +225,16 @@ def make_objective(plan: RunPlan, module: torch.nn.Module) -> Objective:
 def make_source(plan: RunPlan, ctx: dist.DistContext) -> Any:
     cfg = plan.cfg
     # Ranks of one tensor-parallel group (neighbours on the mesh's innermost dim) read the same data.
-    rank = ctx.rank // cfg.backend.tp_size
+    rank = registry.data_parallel_rank(cfg, ctx.rank)
     if plan.datasets is not None:
-        from scaletrain.sources import DatasetSource
+        from scaletrain.data.sources import DatasetSource
 
         train_ds, val_ds = plan.datasets
         return DatasetSource(train_ds, val_ds, plan=plan.batch, rank=rank, seed=cfg.run.seed,
                              max_steps=cfg.train.max_steps, collate=cfg.data.collate, pad_id=cfg.data.pad_id,
                              ignore_index=cfg.data.ignore_index, num_workers=cfg.data.num_workers,
                              pin_memory=ctx.device_type == "cuda")
-    batches = data_mod.Batches(cfg.data.path, plan.data_meta, block_size=cfg.model.block_size,
+    batches = Batches(cfg.data.path, plan.data_meta, block_size=cfg.model.block_size,
                                plan=plan.batch, rank=rank, seed=cfg.run.seed)
     return TokenSource(batches, cfg.model.block_size)
 
@@ -396,7 +404,7 @@ def _env_callbacks() -> list[Callback]:
 
     if not os.environ.get("SCALETRAIN_SWEEP_TRIAL"):
         return []
-    from scaletrain.sweep import trial_callback_from_env
+    from scaletrain.train.trial import trial_callback_from_env
 
     return [trial_callback_from_env()]
 
@@ -447,7 +455,7 @@ def _train_locked(plan: RunPlan, ctx: dist.DistContext, callbacks: Sequence[Call
     result.latest_checkpoint, result.best_checkpoint = run.ckpt.pointers()
     run.callbacks.train_end(run.info, run.state, result)
     if cfg.logging.plot and ctx.is_main:
-        from scaletrain.plot import write_curves
+        from scaletrain.train.plot import write_curves
 
         write_curves(cfg.run.out_dir)
     return result

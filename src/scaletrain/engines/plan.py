@@ -19,22 +19,19 @@ lays them out:
 
 Bytes are per rank; the rank reported is the one holding the most (ranks differ by padding and, for
 ZeRO-1/2, by which whole parameters overlap their partition). Host bytes (CPU offload) are listed
-apart from device bytes. Imports: `scaletrain.config`, `scaletrain.data`, `scaletrain.ds_config`,
-`scaletrain.engines.registry`, `scaletrain.errors`, `scaletrain.materialize`, `scaletrain.model`,
-`scaletrain.tensor_parallel`.
+apart from device bytes. Imports: `scaletrain.config`, `scaletrain.data.format`, `scaletrain.engines.ds_config`,
+`scaletrain.engines.registry`, `scaletrain.errors`, `scaletrain.model` (`build`, `gpt`, `materialize`),
+`scaletrain.engines.tensor_parallel`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from scaletrain.config import Config, build_config, load_config
+from scaletrain.config import Config, build_config
 from scaletrain.errors import ConfigError
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -144,7 +141,7 @@ def _vocab_size(cfg: Config) -> int | None:
         return cfg.model.vocab_size
     if cfg.data.factory is not None:
         return None  # a user model may not need one
-    from scaletrain.data import read_meta
+    from scaletrain.data.format import read_meta
     from scaletrain.errors import DataError
 
     try:
@@ -157,8 +154,8 @@ def _vocab_size(cfg: Config) -> int | None:
 
 
 def _meta_model(cfg: Config, vocab: int | None) -> Any:
-    from scaletrain.materialize import build_on_meta
-    from scaletrain.model import build_model
+    from scaletrain.model.build import build_model
+    from scaletrain.model.materialize import build_on_meta
 
     return build_on_meta(lambda: build_model(cfg.model, vocab))  # type: ignore[arg-type]
 
@@ -172,7 +169,7 @@ def _tensors(model: Any) -> list[Tensor]:
 
 def _tp_split(model: Any, tp: int) -> dict[str, int]:
     """Parameter name -> the dim tensor parallel splits (colwise: 0 for weight and bias; rowwise: 1)."""
-    from scaletrain.tensor_parallel import model_plan, resolve_plan
+    from scaletrain.engines.tensor_parallel import model_plan, resolve_plan
 
     split = {}
     for module, style in resolve_plan(model, model_plan(model), tp).items():
@@ -184,7 +181,7 @@ def _tp_split(model: Any, tp: int) -> dict[str, int]:
 
 def _units(model: Any, cfg: Config) -> list[list[str]]:
     """FSDP's units: each block's parameter names, then the root's (everything else)."""
-    from scaletrain.model import block_classes
+    from scaletrain.model.build import block_classes
 
     classes = block_classes(model, cfg.backend.fsdp.wrap_classes)
     blocks = [m for m in model.modules() if classes and isinstance(m, classes) and m is not model]
@@ -204,7 +201,7 @@ def _units(model: Any, cfg: Config) -> list[list[str]]:
 
 def _model_dims(model: Any, cfg: Config) -> dict[str, int] | None:
     """Layers, width, heads, MLP width, key/value width and vocabulary: built-in GPT or HF config."""
-    from scaletrain.model import GPT
+    from scaletrain.model.gpt import GPT
 
     if isinstance(model, GPT):
         m = cfg.model
@@ -328,8 +325,8 @@ def _zero_groups(tensors: list[Tensor]) -> list[list[Tensor]]:
 
 
 def _deepspeed(cfg: Config, model: Any, tensors: list[Tensor], world: int, rank: int) -> dict[str, Any]:
-    from scaletrain.ds_config import offload_on, resolve_ds_config
-    from scaletrain.model import hidden_size
+    from scaletrain.engines.ds_config import offload_on, resolve_ds_config
+    from scaletrain.model.build import hidden_size
 
     ds = resolve_ds_config(cfg, world_size=world, hidden_size=hidden_size(model))  # as the engine resolves it
     zero = ds["zero_optimization"]
@@ -444,89 +441,4 @@ def plan_memory(cfg: Config, world: int, spec: str | None = None, *, rank: int |
 # command
 
 
-def default_device_memory(procs_per_node: int) -> tuple[int, str]:
-    """The CUDA device's memory, else this machine's memory divided among its processes."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return int(torch.cuda.get_device_properties(0).total_memory), "CUDA device 0"
-    except Exception:
-        pass
-    import psutil
-
-    return psutil.virtual_memory().total // procs_per_node, f"host memory / {procs_per_node} processes"
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _table(rows: list[Estimate], title: str) -> Any:
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for col in ("backend", "params", "grads", "optimizer", "buffers", "activations", "device total", "host", "fits"):
-        table.add_column(col, justify="left" if col in ("backend", "fits") else "right", no_wrap=True)
-    for e in rows:
-        fits = "-" if e.fits is None else ("[green]yes[/green]" if e.fits else "[red]NO[/red]")
-        table.add_row(e.spec, *(_human(x) for x in (e.params, e.grads, e.optimizer, e.buffers, e.activations,
-                                                     e.total, e.host)), fits)
-    return table
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.world < 1:
-        raise ConfigError(f"--world {args.world}: expected a positive number of processes")
-    if args.procs_per_node is not None and args.procs_per_node < 1:
-        raise ConfigError(f"--procs-per-node {args.procs_per_node}: expected a positive number")
-    cfg = load_config(args.config, args.overrides, ds_config=args.ds)
-    specs = parse_backends(args.backends) if args.backends else [None]
-    procs = args.procs_per_node or args.world
-    if args.device_memory is not None:
-        limit, where = parse_bytes(args.device_memory), "--device-memory"
-    else:
-        limit, where = default_device_memory(procs)
-    rows = [plan_memory(cfg, args.world, s, procs_per_node=procs, device_memory=limit) for s in specs]
-    if args.json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2))
-        return 0
-    from rich.console import Console
-
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)
-    n = rows[0].n_params if rows else 0
-    title = (f"{n / 1e6:.2f} M parameters, world {args.world}, micro batch {cfg.train.micro_batch_size} x "
-             f"{cfg.model.block_size}, {cfg.precision}; bytes of the rank holding the most; limit {_human(limit)} "
-             f"({where})")
-    console.print(_table(rows, title))
-    for r in rows:
-        for note in r.notes:
-            console.print(f"[yellow]{r.spec}[/yellow]: {note}", highlight=False)
-    return 0
-
-
-def add_command(subparsers: Any) -> None:
-    p = subparsers.add_parser("plan", help="memory per rank of each backend, before launch")
-    p.add_argument("--config", type=Path, help="TOML/JSON/YAML config file")
-    from scaletrain.engines.registry import DS_FLAG_HELP
-
-    p.add_argument("--ds", type=Path, help=DS_FLAG_HELP)
-    p.add_argument("--world", type=int, required=True, help="number of processes (ranks)")
-    p.add_argument("--backends", default=None,
-                   help=f"comma-separated backend specs (default: the config's backend), e.g. {DEFAULT_BACKENDS}")
-    p.add_argument("--device-memory", default=None,
-                   help="memory per device, e.g. 80GB (default: the CUDA device's, or host memory / processes)")
-    p.add_argument("--procs-per-node", type=int, default=None,
-                   help="processes per host (hybrid_shard groups, host memory share; default: --world)")
-    p.add_argument("--json", action="store_true", help="machine-readable output instead of the table")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.n_layer=24")
-    p.set_defaults(func=run)
-
-
-__all__ = ["Estimate", "add_command", "parse_backends", "parse_bytes", "plan_memory", "with_spec"]
+__all__ = ["Estimate", "parse_backends", "parse_bytes", "plan_memory", "with_spec"]

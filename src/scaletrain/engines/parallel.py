@@ -1,7 +1,7 @@
 """How a torch-native model is parallelised: one `DeviceMesh`, then small `apply_*` functions in order.
 
     build_mesh        ("replicate", "shard") data-parallel dims, plus "tp" innermost when tp_size > 1
-    apply_tp          column/row-parallel matrices of each block over the "tp" dim (scaletrain.tensor_parallel)
+    apply_tp          column/row-parallel matrices of each block over the "tp" dim (scaletrain.engines.tensor_parallel)
     apply_ac          activation checkpointing per block (composable: parameter names stay plain)
     apply_compile     torch.compile per block, in place (no `_orig_mod.` in names)
     apply_fsdp        fully_shard per block, then the root, over the data-parallel dims
@@ -17,7 +17,7 @@ Each function takes only the settings it needs, by keyword. FSDP strategies map 
 
 The tensor-parallel dim is the innermost (fastest-varying) one, so the ranks of one TP group are
 neighbours (one host, NVLink) and read the same micro-batch. Imports: torch, `scaletrain.config`,
-`scaletrain.dist`, `scaletrain.errors`, `scaletrain.model`, `scaletrain.tensor_parallel`. Not: engines, loop.
+`scaletrain.dist`, `scaletrain.errors`, `scaletrain.model.build`, `scaletrain.engines.tensor_parallel`. Not: engines, loop.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from scaletrain import dist
 from scaletrain.config import DDPConfig, FSDPConfig
 from scaletrain.errors import ConfigError
-from scaletrain.model import block_classes
+from scaletrain.model.build import block_classes
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def model_blocks(model: nn.Module, wrap_classes: tuple[str, ...] = ()) -> list[n
 
 
 def apply_tp(model: nn.Module, mesh: DeviceMesh) -> None:
-    from scaletrain.tensor_parallel import apply_tp as _apply_tp
+    from scaletrain.engines.tensor_parallel import apply_tp as _apply_tp
 
     _apply_tp(model, mesh["tp"])
 
