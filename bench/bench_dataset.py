@@ -8,9 +8,9 @@ Run on 2 CPU processes (the script starts them itself under torchrun):
 Data: a synthetic classification set made once in memory (examples are (features, label) tuples, as a
 `data.factory` returns them). Model: an MLP. fp32, DDP, 2 processes sharing one process group.
 
-Harness side: `loop.make_engine` (DDP), `loop.make_source` (the stateless epoch sampler feeding a
-DataLoader with `--workers` workers), `loop.make_objective` with a `model.loss_fn` returning
-(sum, count), and `loop.train_step` with the loop's votes and the metrics record through the sink.
+Harness side: the loop's run object (`train.run.Run`: the DDP engine, the stateless epoch sampler
+feeding a DataLoader with `--workers` workers, the objective with a `model.loss_fn` returning
+(sum, count)) stepped with the loop's votes, and the metrics record through the sink.
 Bare side, as one writes it by hand: DistributedDataParallel, a DataLoader over the same dataset
 with a DistributedSampler, the same batch size and workers, cross entropy, backward,
 clip_grad_norm_, AdamW step, loss.item(). The blocks alternate (A B, B A, ...); the figure is the
@@ -69,10 +69,8 @@ def _worker(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     from scaletrain import dist
     from scaletrain.config import load_config
-    from scaletrain.train.callbacks import CallbackList, RunInfo, SinkCallback
-    from scaletrain.train.loop import _record, make_engine, make_objective, make_source, plan_run, train_step
-    from scaletrain.train.metrics import make_sink
-    from scaletrain.train.state import TrainState
+    from scaletrain.train.plan import plan_run
+    from scaletrain.train.run import Run
 
     torch.set_num_threads(1)
     ctx = dist.init(dist.current_launch(), timeout_s=600)
@@ -84,22 +82,15 @@ def _worker(args: argparse.Namespace) -> None:
         "schedule.kind=constant", "schedule.warmup_steps=0", "optim.lr=1e-3", f"run.out_dir={out}",
     ])
     plan = plan_run(cfg, ctx.world_size)
-    engine = make_engine(plan, ctx)
-    objective, source = make_objective(plan, engine.module), make_source(plan, ctx)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    info = RunInfo(out, ctx.rank, ctx.world_size, cfg.train.max_steps, cfg.to_json_dict())
-    callbacks = CallbackList([SinkCallback(make_sink(ctx.is_main, out, cfg.logging, info.config))])
-    state = TrainState()
+    run = Run(plan, ctx, [])
 
     def harness(n: int) -> None:
         for _ in range(n):
-            micro = source.train_micro_batches(state.step)
-            res = train_step(engine, micro, ctx, cfg.optim.lr, objective, reference_count=source.reference_count,
-                             dp_size=plan.batch.world_size, votes=(False, False))
-            state.record_step(skipped=res.stats.skipped, tokens=round(res.count))
-            callbacks.step_end(info, state, _record(state, res.loss, res.stats))
+            res = run.step(votes=(False, False))
+            run.callbacks.step_end(run.info, run.state, run.log.record(run.state, res, is_last=False))
 
     # The bare loop: its own model copy and a DataLoader over the same dataset and batch size.
     from torch.nn.parallel import DistributedDataParallel
@@ -154,9 +145,8 @@ def _worker(args: argparse.Namespace) -> None:
         if ctx.is_main:
             print(f"pair {pair + 1}/{args.pairs}: harness {1000 * h:.2f} ms, bare {1000 * b:.2f} ms, "
                   f"ratio {h / b:.3f}", file=sys.stderr, flush=True)
-    callbacks.train_end(info, state, None)
-    source.close()
-    engine.close()
+    run.callbacks.train_end(run.info, run.state, None)
+    run.close()
     if ctx.is_main:
         Path(args.result).write_text(json.dumps({
             "harness_ms": statistics.median(h_ms), "bare_ms": statistics.median(b_ms),

@@ -101,41 +101,25 @@ def _measure(args: argparse.Namespace, ctx) -> dict[str, Any]:
     import torch
 
     from scaletrain import dist
-    from scaletrain.optim import lr_at
-    from scaletrain.train.callbacks import CallbackList, RunInfo, SinkCallback
-    from scaletrain.train.loop import _record, make_engine, make_objective, make_source, plan_run, train_step
-    from scaletrain.train.metrics import Throughput, make_sink
-    from scaletrain.train.state import TrainState
+    from scaletrain.train.plan import plan_run
+    from scaletrain.train.run import Run
 
     out = Path(args.tmp) / f"{args.backend.replace(':', '-')}-{args.size}"
     cfg = _config(args, out)
     plan = plan_run(cfg, ctx.world_size)
 
-    # Harness side: the loop's engine, data, schedule and per-step body (loop._steps without the
+    # Harness side: the loop's run object and per-step body (train.loop._steps without the
     # eval/checkpoint branches, which do not fire on these steps).
-    engine = make_engine(plan, ctx)
-    objective = make_objective(plan, engine.module)
-    source = make_source(plan, ctx)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    info = RunInfo(out, ctx.rank, ctx.world_size, cfg.train.max_steps, cfg.to_json_dict())
-    callbacks = CallbackList([SinkCallback(make_sink(ctx.is_main, out, cfg.logging, info.config))])
-    state = TrainState()
-    speed = Throughput()
+    run = Run(plan, ctx, [])
 
     def harness_steps(n: int) -> None:
         for _ in range(n):
-            micro = source.train_micro_batches(state.step)
-            lr = lr_at(state.step, peak=cfg.optim.lr, cfg=cfg.schedule, max_steps=cfg.train.max_steps)
-            out = train_step(engine, micro, ctx, lr, objective, reference_count=source.reference_count,
-                             dp_size=plan.batch.world_size, votes=(False, False))
-            state.record_step(skipped=out.stats.skipped, tokens=round(out.count))
-            speed.add(round(out.count))
-            record = _record(state, out.loss, out.stats)
-            if state.step % cfg.train.log_every == 0:
-                record.update(speed.report())
-            callbacks.step_end(info, state, record)
+            step_out = run.step(votes=(False, False))
+            record = run.log.record(run.state, step_out, is_last=False)
+            run.callbacks.step_end(run.info, run.state, record)
 
     bare_steps, bare_params = _bare_loop(args, cfg, plan, ctx)
 
@@ -162,8 +146,8 @@ def _measure(args: argparse.Namespace, ctx) -> dict[str, Any]:
         if ctx.is_main:
             print(f"[{args.backend} {args.size}] pair {pair + 1}/{args.pairs}: harness {1000 * h:.1f} ms, "
                   f"bare {1000 * b:.1f} ms, ratio {h / b:.3f}", file=sys.stderr, flush=True)
-    callbacks.train_end(info, state, None)
-    engine.close()
+    run.callbacks.train_end(run.info, run.state, None)
+    run.close()
     diffs = [1000 * (h - b) for h, b in zip(h_times, b_times)]
     return {
         "backend": args.backend,

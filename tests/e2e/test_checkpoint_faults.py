@@ -85,14 +85,15 @@ def _save_fails_on_rank1(rank: int, world: int, data: str, out: str) -> dict:
     from scaletrain import dist
     from scaletrain.config import load_config
     from scaletrain.errors import CheckpointError
-    from scaletrain.train.loop import _Run, plan_run
+    from scaletrain.train.plan import plan_run
+    from scaletrain.train.run import Run
 
     cfg = load_config(None, tiny_overrides(Path(data), Path(out), **{**DS2, "backend.timeout_s": 60}))
     plan = plan_run(cfg, world)
     ctx = dist.init(dist.current_launch(), timeout_s=60)
     try:
         Path(out).mkdir(parents=True, exist_ok=True)
-        run = _Run(plan, ctx, [])
+        run = Run(plan, ctx, [])
         run.state.step = 1
         first = run.save(None)
         if rank == 1:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from scaletrain.config import Config, config_to_toml, load_config, parse_overrides, valid_keys
+from scaletrain.config import Config, build_config, config_to_toml, load_config, parse_overrides, valid_keys
 from scaletrain.errors import ConfigError
 
 
@@ -105,3 +105,20 @@ def test_overrides_after_a_flag_without_value_stay_overrides():
     # An option that takes a value keeps the token after it as its value.
     assert _overrides_last(["train", "--ds", "x=y.json", "a=1"], _flags_without_value(parser)) == [
         "train", "--ds", "x=y.json", "a=1"]
+
+
+def test_defaults_the_user_did_not_set_never_fail_a_run():
+    """Leftover 1: the default warmup (20) fits a 5-step run, and the default min_lr (1e-4) gives way to
+    a smaller optim.lr; the same values set by hand are still one-line errors naming both keys."""
+    short = load_config(None, ["train.max_steps=5"])
+    assert short.schedule.warmup_steps == 5
+    assert load_config(None, ["train.max_steps=500"]).schedule.warmup_steps == 20  # unchanged where it fit
+    assert load_config(None, ["schedule.kind=constant", "optim.lr=1e-9"]).schedule.min_lr == 1e-4  # not read
+    assert load_config(None, ["optim.lr=1e-5"]).schedule.min_lr == 1e-5
+    assert load_config(None, ["optim.lr=3e-4"]).schedule.min_lr == 1e-4
+    with pytest.raises(ConfigError, match=r"schedule\.warmup_steps \(10\) exceeds train\.max_steps \(5\)"):
+        load_config(None, ["train.max_steps=5", "schedule.warmup_steps=10"])
+    with pytest.raises(ConfigError, match=r"schedule\.min_lr \(0\.0001\) exceeds optim\.lr"):
+        load_config(None, ["optim.lr=1e-5", "schedule.min_lr=1e-4"])
+    # The fitted values are what config show prints and what a resume reads back: they validate again.
+    assert build_config(short.to_json_dict()).schedule.warmup_steps == 5

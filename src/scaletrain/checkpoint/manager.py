@@ -5,7 +5,8 @@ save:   rank 0 makes `.tmp-<tag>`; the engine writes into it (collective); the r
         then rotates. Any failure on any rank is agreed on by all, the temporary folder is removed,
         and earlier tags stay as they were.
 resume: trusts only complete tags whose sizes and checksums match; if `latest` names a damaged tag,
-        falls back to the newest intact one and says so.
+        falls back to the newest intact one and says so. A tag the engine refuses (another model's,
+        say) is one error agreed on by every rank, so the job prints it once.
 Imports: `scaletrain.dist`, `scaletrain.checkpoint.layout`, `scaletrain.config`, `scaletrain.errors`.
 """
 
@@ -24,7 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from scaletrain import dist
 from scaletrain.checkpoint import layout
 from scaletrain.config import CheckpointConfig
-from scaletrain.errors import CheckpointError
+from scaletrain.errors import CheckpointError, ScaletrainError
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,17 @@ class CheckpointManager:
         self.best, self.run_id = dist.broadcast_object((self.best, self.run_id))
 
     # ------------------------------------------------------------------ save
+
+    def should_save(self, step: int, *, is_last: bool, improved: bool = False) -> bool:
+        """Local, and the same on every rank. Whether `step` ends with a save: the last step of an
+        invocation (the end, `train.stop_at`, or an agreed stop) always does; otherwise every
+        `checkpoint.every` steps, or with `checkpoint.policy=best` when an evaluation just beat the best
+        validation loss (`improved`)."""
+        if is_last:
+            return True
+        if self.cfg.policy == "best":
+            return improved
+        return bool(self.cfg.every and step % self.cfg.every == 0)
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any], meta: dict[str, Any]) -> bool:
         """Collective. Returns True once the tag is committed (or queued, for an async save)."""
@@ -249,7 +261,7 @@ class CheckpointManager:
                 # Whether this run folder wrote the tag: formats that must run foreign code to convert
                 # (DeepSpeed's universal checkpoints) refuse tags of other origin.
                 meta = {**info.meta, "own_run": info.meta.get("run_id") == self.run_id}
-                client_state = engine.load_checkpoint(tag_dir, meta)
+                client_state = self._load_agreed(engine, tag_dir, meta)
                 log.info("resumed from %s (step %d)", tag_dir, info.step)
                 return client_state
             if info.meta is not None or tag_dir.name == latest:
@@ -257,6 +269,21 @@ class CheckpointManager:
         if self.cfg.resume != "auto":
             raise CheckpointError(f"checkpoint.resume: no intact checkpoint at {self.cfg.resume}")
         return None
+
+    def _load_agreed(self, engine: Any, tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        """Collective. The engine's load, with a refusal (a tag written for another model, say) agreed on
+        by every rank: all raise the first rank's error, marked agreed, so the job prints it once."""
+        mine: ScaletrainError | None = None
+        try:
+            client_state = engine.load_checkpoint(tag_dir, meta)
+        except ScaletrainError as e:
+            mine = e
+        first = next((e for e in dist.all_gather_object(str(mine) if mine else None) if e), None)
+        if first is not None:
+            refusal = mine if mine is not None and str(mine) == first else CheckpointError(first)
+            refusal.agreed = True
+            raise refusal
+        return client_state
 
     def verify(self, tag_dir: Path) -> layout.TagInfo:
         """Collective. Sizes and checksums of one tag, the hashing split across ranks; the verdict is

@@ -287,17 +287,37 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        if self.schedule.warmup_steps > self.train.max_steps:
-            raise ValueError(
-                f"schedule.warmup_steps ({self.schedule.warmup_steps}) exceeds train.max_steps "
-                f"({self.train.max_steps})"
-            )
-        if self.schedule.min_lr > self.optim.lr:
-            raise ValueError(f"schedule.min_lr ({self.schedule.min_lr}) exceeds optim.lr ({self.optim.lr})")
+        schedule = fit_schedule(self.schedule, max_steps=self.train.max_steps, lr=self.optim.lr)
+        if schedule is not self.schedule:  # frozen: the validated tree takes the fitted section
+            object.__setattr__(self, "schedule", schedule)
         return self
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+
+# Schedules whose decay ends at schedule.min_lr (the others never read it).
+MIN_LR_KINDS = ("cosine", "linear", "wsd", "plateau")
+
+
+def fit_schedule(schedule: ScheduleConfig, *, max_steps: int, lr: float) -> ScheduleConfig:
+    """The schedule section fitted to the run: a default the user did not set never fails a run.
+
+    An unset `warmup_steps` longer than the run shortens to the run's length, and an unset `min_lr`
+    above `optim.lr` comes down to it; the same values set by hand are errors naming both keys.
+    `min_lr` is checked only for the schedules that decay to it."""
+    given = schedule.model_fields_set
+    update: dict[str, Any] = {}
+    if schedule.warmup_steps > max_steps:
+        if "warmup_steps" in given:
+            raise ValueError(f"schedule.warmup_steps ({schedule.warmup_steps}) exceeds train.max_steps ({max_steps}); "
+                             "lower schedule.warmup_steps")
+        update["warmup_steps"] = max_steps
+    if schedule.kind in MIN_LR_KINDS and schedule.min_lr > lr:
+        if "min_lr" in given:
+            raise ValueError(f"schedule.min_lr ({schedule.min_lr}) exceeds optim.lr ({lr}); lower schedule.min_lr")
+        update["min_lr"] = lr
+    return schedule.model_copy(update=update) if update else schedule
 
 
 def resolve_grad_accum(train: TrainConfig, world_size: int) -> int:

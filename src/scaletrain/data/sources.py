@@ -81,11 +81,13 @@ def default_collate(examples: Sequence[Any], *, pad_id: int = 0, ignore_index: i
 
 
 class _Collate:
-    """Picklable for DataLoader workers: the user's collate by name, or the default."""
+    """Picklable for DataLoader workers: the user's collate by name (`fn`, when given, is that function
+    already imported; a worker process imports it by name), or the default."""
 
-    def __init__(self, spec: str | None, pad_id: int, ignore_index: int) -> None:
+    def __init__(self, spec: str | None, pad_id: int, ignore_index: int,
+                 fn: Callable[[list[Any]], Any] | None = None) -> None:
         self.spec, self.pad_id, self.ignore_index = spec, pad_id, ignore_index
-        self._fn: Callable[[list[Any]], Any] | None = None
+        self._fn = fn
 
     def __call__(self, examples: list[Any]) -> Any:
         if self.spec is None:
@@ -141,10 +143,11 @@ class DatasetSource:
     fixed_count = False
 
     def __init__(self, train: Any, val: Any, *, plan: BatchPlan, rank: int, seed: int, max_steps: int,
-                 collate: str | None, pad_id: int, ignore_index: int, num_workers: int, pin_memory: bool) -> None:
+                 collate: str | None, pad_id: int, ignore_index: int, num_workers: int, pin_memory: bool,
+                 collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
         self.train_set, self.val_set = train, val
         self.plan, self.rank, self.seed, self.max_steps = plan, rank, seed, max_steps
-        self.collate = _Collate(collate, pad_id, ignore_index)
+        self.collate = _Collate(collate, pad_id, ignore_index, collate_fn)
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.steps_per_epoch = len(train) // plan.global_batch_size
         self._orders: dict[int, np.ndarray] = {}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch.nn as nn
 
@@ -30,11 +32,12 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
-def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    """The built-in GPT, or `factory(cfg, vocab_size)` (a factory may take just `cfg`)."""
+def build_model(cfg: ModelConfig, vocab_size: int, factory: Callable[..., Any] | None = None) -> nn.Module:
+    """The built-in GPT, or `factory(cfg, vocab_size)` (a factory may take just `cfg`). `factory` is
+    `model.factory` already imported (the run plan imports it once); otherwise it is imported here."""
     if cfg.factory is None:
         return GPT(cfg, vocab_size)
-    fn = import_callable(cfg.factory, "model.factory")
+    fn = factory or import_callable(cfg.factory, "model.factory")
     n_args = len(inspect.signature(fn).parameters)
     model = fn(cfg, vocab_size) if n_args >= 2 else fn(cfg)
     if not isinstance(model, nn.Module):

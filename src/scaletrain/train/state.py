@@ -2,10 +2,11 @@
 
 Engines hold no clock: the loop passes the learning rate of each step, so the step count lives here
 alone. The state travels as the checkpoint's client state (flat keys, plus every rank's RNG state),
-so exact resume needs nothing else. The `plateau` schedule's state (ReduceLROnPlateau on the
+so exact resume needs nothing else. Skipped (non-finite) steps are counted here too, and
+`check_skipped` stops a run that skips too many in a row. The `plateau` schedule's state (ReduceLROnPlateau on the
 validation loss) is four of those counters, updated by `record_plateau` at each evaluation with the
 all-reduced loss, so every rank holds the same scale and a resumed run continues it exactly.
-Imports: torch (RNG state only), `scaletrain.config`.
+Imports: torch (RNG state only), `scaletrain.config`, `scaletrain.errors`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from scaletrain.config import ScheduleConfig
+from scaletrain.errors import TrainingError
 
 
 @dataclass
@@ -47,6 +49,14 @@ class TrainState:
         self.tokens += tokens
         self.skipped_in_row = self.skipped_in_row + 1 if skipped else 0
         self.skipped_total += int(skipped)
+
+    def check_skipped(self, limit: int) -> None:
+        """Raise once more than `limit` (train.max_skipped_steps) steps in a row were not finite."""
+        if self.skipped_in_row > limit:
+            raise TrainingError(
+                f"{self.skipped_in_row} non-finite steps in a row (train.max_skipped_steps={limit}) at step "
+                f"{self.step}; the last good checkpoint is untouched; lower optim.lr or use precision=bf16"
+            )
 
     def record_eval(self, val_loss: float) -> bool:
         """Returns True when `val_loss` is the best so far."""
