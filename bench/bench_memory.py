@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -149,24 +150,53 @@ def _baseline() -> int:
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
-def _run(spec: str, args: argparse.Namespace, tmp: Path) -> dict:
+def run_torchrun(cmd: list[str], env: dict[str, str], timeout: float) -> int:
+    """Run one torchrun in its own session; on timeout kill the whole group (torchrun and its ranks).
+    Returns its exit code, -1 on timeout."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return -1
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+
+
+def _run(spec: str, *, data: str, tmp: Path, n_layer: int, n_head: int, n_embd: int, block_size: int,
+         timeout: float) -> dict:
     from scaletrain.engines.registry import spec_overrides
 
-    result = tmp / spec.replace(":", "_").replace("+", "_")
+    result = tmp / f"memory-{spec.replace(':', '_').replace('+', '_')}"
     result.mkdir()
     overrides = [
-        f"data.path={args.data}", f"run.out_dir={result / 'run'}", f"model.n_layer={args.n_layer}",
-        f"model.n_head={args.n_head}", f"model.n_embd={args.n_embd}", f"model.block_size={args.block_size}",
+        f"data.path={data}", f"run.out_dir={result / 'run'}", f"model.n_layer={n_layer}",
+        f"model.n_head={n_head}", f"model.n_embd={n_embd}", f"model.block_size={block_size}",
         "train.micro_batch_size=1", "train.max_steps=1", "train.eval_steps=0",
         "logging.console=false", "schedule.warmup_steps=0", "schedule.min_lr=0",
         *(f"{k}={v}" for k, v in spec_overrides(spec).items()),
     ]
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", __file__,
            "--worker", "--result", str(result), "--", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, env=env, timeout=args.timeout, stdout=subprocess.DEVNULL)
+    rc = run_torchrun(cmd, {**os.environ, "OMP_NUM_THREADS": "1"}, timeout)
+    if rc != 0:
+        raise RuntimeError(f"bench_memory: the {spec} run failed (exit {rc})")
     ranks = [json.loads((result / f"rank{r}.json").read_text()) for r in range(2)]
     return {"peak_gb": max(r["peak"] for r in ranks) / 1e9, "codes": [r["code"] for r in ranks]}
+
+
+def run_phase(specs: list[str], *, data: str, tmp: Path, n_layer: int, n_head: int, n_embd: int,
+              block_size: int, timeout: float) -> dict[str, dict]:
+    """Phase `run` for every spec: {spec: {"peak_gb": per-rank peak of the rank that peaked, "codes": ...}}."""
+    return {spec: _run(spec, data=data, tmp=tmp, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                       block_size=block_size, timeout=timeout) for spec in specs}
 
 
 def main() -> int:
@@ -209,7 +239,9 @@ def main() -> int:
 
                 args.data = str(Path(tmp) / "data")
                 prepare([], Path(args.data), max_bytes=2_000_000)
-            report = {spec: _run(spec, args, Path(tmp)) for spec in args.backends}
+            report = run_phase(args.backends, data=args.data, tmp=Path(tmp), n_layer=args.n_layer,
+                               n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
+                               timeout=args.timeout)
     print(f"GPT {params / 1e6:.0f} M parameters, full fp32 model {model_gb:.2f} GB, baseline RSS {base_gb:.2f} GB")
     for variant, r in build.items():
         print(f"build {variant:6s} peak growth {r['growth_gb']:.3f} GB per rank = {r['ratio_to_model']:.2f} x the "

@@ -19,13 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from scaletrain.data import documents, tokenizer
 from scaletrain.data import prepare as prep
 
 
 def corpus(max_bytes: int) -> tuple[list[Path], list[str]]:
     """The files prepare reads for `prepare([], max_bytes=...)`, and their text as documents."""
     files, docs, total = [], [], 0
-    for f in prep.default_corpus_files():
+    for f in documents.default_corpus_files():
         data = f.read_bytes()[: max_bytes - total]
         files.append(f)
         docs.append(data.decode("utf-8", errors="replace"))
@@ -47,7 +48,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         t0 = time.perf_counter()
-        tok = prep.train_tokenizer(docs, args.vocab)
+        tok = tokenizer.train_tokenizer(docs, args.vocab)
         print(f"trained BPE vocab {args.vocab} on {nbytes / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
         tok.save(str(tmp / "tokenizer.json"))
 

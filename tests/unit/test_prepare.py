@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from scaletrain.cli import main
+from scaletrain.data import documents, tokenizer
 from scaletrain.data import prepare as prep
 from scaletrain.data.format import read_meta
 from scaletrain.errors import DataError
@@ -46,8 +47,8 @@ def _decode(out: Path) -> str:
 
 def test_trained_bpe_round_trips_through_the_cli(tmp_path: Path, monkeypatch, capsys) -> None:
     # Small pieces and chunks: files are cut into pieces and the stream spans many encode_batch calls.
-    monkeypatch.setattr(prep, "PIECE_BYTES", 64)
-    monkeypatch.setattr(prep, "CHUNK_BYTES", 200)
+    monkeypatch.setattr(documents, "PIECE_BYTES", 64)
+    monkeypatch.setattr(documents, "CHUNK_BYTES", 200)
     src = _write_docs(tmp_path / "src")
     out = tmp_path / "d"
     assert main(["prepare", str(src), "--out", str(out), "--train-tokenizer", "320"]) == 0
@@ -66,7 +67,7 @@ def test_trained_bpe_round_trips_through_the_cli(tmp_path: Path, monkeypatch, ca
 
 def test_given_tokenizer_file_and_folder(tmp_path: Path) -> None:
     src = _write_docs(tmp_path / "src")
-    tok = prep.train_tokenizer(DOCS, 300)
+    tok = tokenizer.train_tokenizer(DOCS, 300)
     tok.save(str(tmp_path / "tok.json"))
     prep.prepare([src], tmp_path / "a", tokenizer=tmp_path / "tok.json")
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "tok.json").read_bytes()
@@ -136,7 +137,7 @@ def test_table_inputs_with_text_field(tmp_path: Path, kind: str) -> None:
     meta = prep.prepare([f], tmp_path / "d", text_field="body")
     assert bytes(_ids(tmp_path / "d").astype(np.uint8)).decode() == "\n".join(TEXTS)
     assert meta["tokenizer"] == "bytes" and meta["source_files"] == 1
-    tok = prep.train_tokenizer(TEXTS * 20, 300)
+    tok = tokenizer.train_tokenizer(TEXTS * 20, 300)
     tok.save(str(tmp_path / "tok.json"))
     prep.prepare([f], tmp_path / "t", text_field="body", tokenizer=tmp_path / "tok.json")
     assert _decode(tmp_path / "t").split("<|endoftext|>") == TEXTS
@@ -239,22 +240,22 @@ def test_vocab_size_must_match_meta_json(tmp_path: Path) -> None:
 
 
 def test_cut_keeps_pieces_on_word_and_character_boundaries() -> None:
-    assert prep._cut(b"abc\n  def\nghi\n") == 10  # after the newline between two words
-    assert prep._cut(b"abc \ndef\n") == 5  # no newline between words: fall back to the last one
-    assert prep._cut(b"abc\n\n\n") == 6 - 1  # only whitespace follows: the last newline with a byte after it
+    assert documents._cut(b"abc\n  def\nghi\n") == 10  # after the newline between two words
+    assert documents._cut(b"abc \ndef\n") == 5  # no newline between words: fall back to the last one
+    assert documents._cut(b"abc\n\n\n") == 6 - 1  # only whitespace follows: the last newline with a byte after it
     text = "é" * 10
-    cut = prep._cut(text.encode())
+    cut = documents._cut(text.encode())
     assert text.encode()[:cut].decode() and cut % 2 == 0
 
 
 def test_pieces_encode_like_the_whole_file(tmp_path: Path, monkeypatch) -> None:
     """Cutting a file into pieces leaves a byte-level BPE's ids unchanged (whitespace runs included)."""
-    monkeypatch.setattr(prep, "PIECE_BYTES", 48)
-    monkeypatch.setattr(prep, "CHUNK_BYTES", 100)
+    monkeypatch.setattr(documents, "PIECE_BYTES", 48)
+    monkeypatch.setattr(documents, "CHUNK_BYTES", 100)
     text = "".join(f"line {i} \n\n  indented{i}\nx = {i} \t\n" for i in range(60))
     (tmp_path / "in.txt").write_text(text)
     # Documents that end in whitespace + newline teach merges across it, which a careless cut would use.
-    tok = prep.train_tokenizer([text] + ["end  \t\n", "x \n", "y\t \n"] * 100, 320)
+    tok = tokenizer.train_tokenizer([text] + ["end  \t\n", "x \n", "y\t \n"] * 100, 320)
     tok.save(str(tmp_path / "tok.json"))
     prep.prepare([tmp_path / "in.txt"], tmp_path / "d", tokenizer=tmp_path / "tok.json")
     assert _ids(tmp_path / "d").tolist() == tok.encode(text, add_special_tokens=False).ids

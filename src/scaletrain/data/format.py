@@ -9,6 +9,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,8 @@ BYTE_TOKENIZER = "bytes"  # token id = byte value; vocab 256
 TOKENIZER_FILE = "tokenizer.json"  # a HuggingFace `tokenizers` tokenizer, stored in the data folder
 
 
+# What `prepare` says when an optional package it needs is missing.
+INSTALL_HINT = "pip install tokenizers datasets (or scaletrain[data])"
 NANOGPT_DTYPE = "uint16"  # what a folder without meta.json is read as (nanoGPT's own choice)
 
 
@@ -96,21 +99,23 @@ def read_meta(path: Path, vocab_size: int | None = None) -> DataMeta:
             f"data.path: {meta_file} records max_token_id {max_id!r} but vocab_size {vocab}; "
             f"the tokens do not fit the vocabulary; {hint} with the right tokenizer"
         )
-    itemsize = np.dtype(dtype).itemsize
-    counts = {}
-    for split in ("train", "val"):
-        f = path / f"{split}.bin"
-        if not f.is_file():
-            raise DataError(f"data.path: {f} is missing; {hint}")
-        size = f.stat().st_size
-        if size % itemsize:
-            raise DataError(f"data.path: {f} is {size} bytes, not a whole number of {dtype} tokens")
-        counts[split] = size // itemsize
-        recorded = meta.get(f"{split}_tokens")
-        if recorded is not None and recorded != counts[split]:
-            raise DataError(
-                f"data.path: {meta_file} says {split}_tokens={recorded!r} but {f} holds {counts[split]} "
-                f"tokens (the bins were replaced or truncated); {hint} --force"
-            )
+    counts = {split: _split_tokens(path, split, meta, dtype, hint) for split in ("train", "val")}
     tok = path / TOKENIZER_FILE if meta.get("tokenizer") == TOKENIZER_FILE else None
     return DataMeta(vocab, dtype, counts["train"], counts["val"], tok if tok and tok.is_file() else None)
+
+
+def _split_tokens(path: Path, split: str, meta: dict[str, Any], dtype: str, hint: str) -> int:
+    """Tokens in `split`.bin, checked against its size and against what meta.json records."""
+    f = path / f"{split}.bin"
+    if not f.is_file():
+        raise DataError(f"data.path: {f} is missing; {hint}")
+    size, itemsize = f.stat().st_size, np.dtype(dtype).itemsize
+    if size % itemsize:
+        raise DataError(f"data.path: {f} is {size} bytes, not a whole number of {dtype} tokens")
+    recorded = meta.get(f"{split}_tokens")
+    if recorded is not None and recorded != size // itemsize:
+        raise DataError(
+            f"data.path: {path / 'meta.json'} says {split}_tokens={recorded!r} but {f} holds {size // itemsize} "
+            f"tokens (the bins were replaced or truncated); {hint} --force"
+        )
+    return size // itemsize
