@@ -37,19 +37,20 @@ def _status(field: str) -> int:
 
 def _worker(args: argparse.Namespace) -> None:
     from scaletrain import cli
+    from scaletrain.commands import train as train_command
 
     out = Path(args.result) / f"rank{os.environ.get('RANK', '0')}.json"
 
     def record(code: int) -> None:
         out.write_text(json.dumps({"code": int(code), "peak": _status("VmHWM"), "rss": _status("VmRSS")}))
 
-    exit_now = cli._exit_now  # runs instead of returning when a library keeps threads alive (DeepSpeed)
+    exit_now = train_command._exit_now  # runs instead of returning when a library keeps threads alive (DeepSpeed)
 
     def record_then_exit(code: int, threads: list[str]) -> None:
         record(code)
         exit_now(code, threads)
 
-    cli._exit_now = record_then_exit
+    train_command._exit_now = record_then_exit
     record(cli.main(["train", *args.overrides]))
 
 
@@ -80,10 +81,16 @@ def _build_worker(args: argparse.Namespace) -> None:
     if args.variant == "zero3":
         import scaletrain.engines.deepspeed_zero  # noqa: F401
     if args.warm:  # the same path once on a tiny model: code pages and allocator arenas are then in place
-        _build(args, ctx, lambda: GPT(ModelConfig(n_layer=1, n_head=2, n_embd=64, block_size=16), 256))
+        from scaletrain.hostmem import returning_freed_memory
+
+        with returning_freed_memory():
+            _build(args, ctx, lambda: GPT(ModelConfig(n_layer=1, n_head=2, n_embd=64, block_size=16), 256))
+    from scaletrain.hostmem import returning_freed_memory
+
     baseline = _status("VmRSS")
     reset = _reset_peak()
-    model = _build(args, ctx, factory)
+    with returning_freed_memory():  # as `registry.build_engine` builds
+        model = _build(args, ctx, factory)
     peak = _status("VmHWM")
     out = Path(args.result) / f"rank{ctx.rank}.json"
     out.write_text(json.dumps({"baseline": baseline, "peak": peak, "reset": reset,

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import socket
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -182,7 +181,6 @@ def init(launch: LaunchInfo, *, timeout_s: float = 600.0, device: str | None = N
         backend = "gloo"
     if not dist.is_initialized():
         _import_before_init()
-        return_freed_host_memory()
         if launch.launcher == "single":
             init_method = f"tcp://127.0.0.1:{_free_port()}"
         else:
@@ -198,28 +196,6 @@ def init(launch: LaunchInfo, *, timeout_s: float = 600.0, device: str | None = N
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     return DistContext(launch.rank, launch.local_rank, launch.world_size, dev, launch.launcher)
-
-
-MMAP_THRESHOLD = 128 * 1024  # bytes: glibc's own starting value, which it otherwise raises up to 32 MiB
-
-
-def return_freed_host_memory() -> bool:
-    """Make glibc serve host allocations of 128 KiB and more with mmap, so freeing them returns the
-    memory to the OS at once. By default glibc raises this threshold whenever a large block is freed
-    (up to 32 MiB), after which freed tensors stay in the heap, fragmented: building a sharded model
-    tensor by tensor, or ZeRO-3's partitioning, then holds far more resident memory than it uses
-    (measured: construction growth 1.26 -> 0.62 x the model under zero.Init, a ZeRO-3 run's peak
-    4.08 -> 3.08 GB; docs/benchmarks.md). A user's own `MALLOC_MMAP_THRESHOLD_` wins; a libc without
-    `mallopt` (not glibc) is left alone. Returns whether the threshold was set."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
 
 
 def _import_before_init() -> None:

@@ -7,7 +7,8 @@ save:   rank 0 makes `.tmp-<tag>`; the engine writes into it (collective); the r
 resume: trusts only complete tags whose sizes and checksums match; if `latest` names a damaged tag,
         falls back to the newest intact one and says so. A tag the engine refuses (another model's,
         say) is one error agreed on by every rank, so the job prints it once.
-Imports: `scaletrain.dist`, `scaletrain.checkpoint.layout`, `scaletrain.config`, `scaletrain.errors`.
+Imports: `scaletrain.dist`, `scaletrain.checkpoint.layout`, `scaletrain.config`, `scaletrain.errors`,
+`scaletrain.hostmem`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from scaletrain import dist
 from scaletrain.checkpoint import layout
 from scaletrain.config import CheckpointConfig
 from scaletrain.errors import CheckpointError, ScaletrainError
+from scaletrain.hostmem import returning_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,10 @@ class CheckpointManager:
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any], meta: dict[str, Any]) -> bool:
         """Collective. Returns True once the tag is committed (or queued, for an async save)."""
+        with returning_freed_memory():  # the engine's state gathered and written: returned once written
+            return self._save(engine, step, client_state, meta)
+
+    def _save(self, engine: Any, step: int, client_state: dict[str, Any], meta: dict[str, Any]) -> bool:
         self.finish_pending()
         tag = layout.tag_name(step)
         tmp, final = layout.tmp_dir_for(self.dir, tag), self.dir / tag
@@ -243,6 +249,10 @@ class CheckpointManager:
         """Collective. Load the newest intact tag; None when there is nothing to resume from."""
         if self.cfg.resume == "never":
             return None
+        with returning_freed_memory():  # full tensors read and cut into shards: returned once placed
+            return self._resume(engine)
+
+    def _resume(self, engine: Any) -> dict[str, Any] | None:
         found: tuple[list[Path], str | None] | str = ([], None)
         if self.ctx.is_main:
             try:

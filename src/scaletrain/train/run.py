@@ -5,7 +5,7 @@ The built-in loop (`train.loop`) is a sequence of phases over one `Run`; a loop 
 to drive the same object. Building it is collective: the engine wraps the model, and the newest intact
 checkpoint is resumed (counters, RNG of every rank, engine state).
 Imports: torch, `scaletrain.checkpoint.manager`, `scaletrain.data` (`sources`, `tokens`), `scaletrain.dist`,
-`scaletrain.engines` (`base`, `registry`), `scaletrain.model.build`, `scaletrain.objective`, `scaletrain.optim`,
+`scaletrain.engines` (`base`, `registry`), `scaletrain.hostmem`, `scaletrain.model.build`, `scaletrain.objective`, `scaletrain.optim`,
 `scaletrain.train` (`cadence`, `callbacks`, `flops`, `metrics`, `plan`, `state`, `step`).
 """
 
@@ -22,6 +22,7 @@ from scaletrain.data.sources import TokenSource
 from scaletrain.data.tokens import Batches
 from scaletrain.engines import registry
 from scaletrain.engines.base import Engine, EngineSpec
+from scaletrain.hostmem import returning_freed_memory
 from scaletrain.model.build import build_model
 from scaletrain.objective import Objective, is_causal_lm
 from scaletrain.optim import build_adamw, lr_at
@@ -45,7 +46,8 @@ def make_engine(plan: RunPlan, ctx: dist.DistContext) -> Engine:
         compile=cfg.model.compile, checkpoint_format=cfg.checkpoint.format, init_from=cfg.model.init_from,
         allow_tf32=cfg.train.allow_tf32,
     )
-    engine = registry.build_engine(spec, cfg)
+    with returning_freed_memory():  # building and sharding: freed memory goes back at once
+        engine = registry.build_engine(spec, cfg)
     # The RNG stream for dropout starts here, the same on every backend (building on meta or under
     # zero.Init draws nothing from it).
     torch.manual_seed(cfg.run.seed)
