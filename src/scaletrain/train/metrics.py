@@ -3,7 +3,7 @@ sink that does nothing on every other rank (so call sites never branch on rank).
 
 Also the end-of-run summary (`run_summary`, printed by `SummaryCallback`).
 Never runs a collective. Imports: rich, `scaletrain.config`, `scaletrain.train.callbacks`,
-`scaletrain.checkpoint.layout`.
+`scaletrain.checkpoint.layout`, `scaletrain.io` (truncating on resume).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import shlex
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from scaletrain.checkpoint import layout
 from scaletrain.config import LoggingConfig
+from scaletrain.io import write_atomic
 from scaletrain.train.callbacks import Callback, RunInfo
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,19 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     """On resume, keep the records with `step <= after_step` (later steps will run and log again).
 
     A line that does not parse (a torn last line after power loss) is dropped with a warning rather
-    than failing every resume. The file is replaced atomically (temp, fsync, rename), so a crash here
-    leaves either the old or the new file."""
+    than failing every resume. The file is replaced atomically (`scaletrain.io.write_atomic`), so a
+    crash here leaves either the old or the new file."""
     path = Path(path)
     if not path.is_file():
         return
+    kept, bad = _records_up_to(path, after_step)
+    if bad:
+        log.warning("%s: dropped %d line(s) that do not parse (a torn write?)", path, bad)
+    write_atomic(path, "".join(kept))
+
+
+def _records_up_to(path: Path, after_step: int) -> tuple[list[str], int]:
+    """The JSONL lines of `path` whose `step <= after_step`, re-serialised, and how many did not parse."""
     kept: list[str] = []
     bad = 0
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -53,26 +61,7 @@ def truncate_metrics(path: Path, after_step: int) -> None:
                 continue
             if step <= after_step:
                 kept.append(json.dumps(record) + "\n")
-    if bad:
-        log.warning("%s: dropped %d line(s) that do not parse (a torn write?)", path, bad)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.writelines(kept)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    return kept, bad
 
 
 class NullSink:
