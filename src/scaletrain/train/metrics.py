@@ -3,7 +3,8 @@ sink that does nothing on every other rank (so call sites never branch on rank).
 
 Also the end-of-run summary (`run_summary`, printed by `SummaryCallback`).
 Never runs a collective. Imports: rich, `scaletrain.config`, `scaletrain.train.callbacks`,
-`scaletrain.checkpoint.layout`, `scaletrain.io` (truncating on resume).
+`scaletrain.checkpoint.layout`, `scaletrain.io` (truncating on resume), `scaletrain.logs` (the console the
+progress bar shares with the log lines).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from scaletrain.checkpoint import layout
 from scaletrain.config import LoggingConfig
 from scaletrain.io import write_atomic
+from scaletrain.logs import live_console
 from scaletrain.train.callbacks import Callback, RunInfo
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class RankZeroSink:
     def __init__(self, run_dir: Path, cfg: LoggingConfig, run_config: dict[str, Any]) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.cfg = cfg
-        self.console = Console(stderr=True)
+        self.console = live_console()  # the log console on a terminal: log lines print above the bar
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 (closed in close())
         self._progress: Progress | None = None
         self._task = None
