@@ -112,7 +112,7 @@ def test_replacing_steps_or_the_run_folder_names_the_flag_that_sets_them(tiny_da
     _plan(tiny_data, out, ["train.max_steps=500", f"run.out_dir={tmp_path / 'mine'}", "checkpoint.resume=auto"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"parity: replaced train.max_steps=500 -> {STEPS}, run.out_dir={tmp_path / 'mine'} -> "
-                     f"{out}/<n>-<backend>, checkpoint.resume=auto -> never (parity sets them; --out and --steps "
+                     f"{out}/<n>-<spec>, checkpoint.resume=auto -> never (parity sets them; --out and --steps "
                      "choose them)"], lines
     capsys.readouterr()
     _plan(tiny_data, tmp_path / "q", ["optim.lr=2e-3"])  # nothing of parity's: nothing said

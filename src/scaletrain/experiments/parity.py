@@ -90,7 +90,7 @@ def replaced_line(owned: list[tuple[str, str]], args: argparse.Namespace, out: P
     """The one stderr line that says which of the user's overrides parity replaced, and by what."""
     if not owned:
         return None
-    ours = {**_forced(args, out / "<n>-<backend>"), "run.out_dir": f"{out}/<n>-<backend>"}
+    ours = _forced(args, out / "<n>-<spec>")
     said = ", ".join(f"{key}={value} -> {ours[key.rpartition(':')[2]]}" for key, value in owned)
     flags = sorted({OWNED_KEYS[k.rpartition(":")[2]] for k, _ in owned} & {"--out", "--steps"})
     return f"parity: replaced {said} (parity sets them{'; ' + ' and '.join(flags) + ' choose them' if flags else ''})"
