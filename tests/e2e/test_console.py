@@ -49,7 +49,9 @@ def _screen_of_a_run(tmp_path: Path, overrides: list[str], timeout: float = 60) 
         pane = _tmux(sock, "capture-pane", "-p", "-S", "-", "-t", "t").stdout
         return int((tmp_path / "rc").read_text()), pane.rstrip("\n").splitlines()
     finally:
-        _tmux(sock, "kill-server")
+        _tmux(sock, "kill-server")  # the server this test started, and the shell in its pane
+        tmux_dir = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
+        (tmux_dir / sock).unlink(missing_ok=True)  # kill-server may leave its socket file behind
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
