@@ -2,7 +2,8 @@
 
 This is the only module that reads launcher environment variables (torchrun, the `deepspeed`
 launcher, SLURM's srun). `detect_launch` is a pure function of an environment mapping and argv, so
-every launcher is testable without starting one. Imports: torch, `scaletrain.errors`.
+every launcher is testable without starting one. Imports: torch, `scaletrain.errors`, `scaletrain.procs`
+(a free port for a single-process group).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import datetime
 import logging
 import os
 import re
-import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.errors import ConfigError, ExitCode
+from scaletrain.procs import free_port
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +140,6 @@ def maybe_watch_parent(launch: LaunchInfo, *, poll_s: float = PARENT_POLL_S) -> 
     return thread
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class DistContext:
     """What every other module needs to know about this process's place in the job."""
@@ -182,7 +177,7 @@ def init(launch: LaunchInfo, *, timeout_s: float = 600.0, device: str | None = N
     if not dist.is_initialized():
         _import_before_init()
         if launch.launcher == "single":
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            init_method = f"tcp://127.0.0.1:{free_port()}"
         else:
             # The srun and deepspeed paths may lack some variables that env:// needs.
             os.environ.setdefault("MASTER_ADDR", launch.master_addr)

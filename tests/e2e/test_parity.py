@@ -64,7 +64,8 @@ def test_a_different_learning_rate_diverges(tiny_data: Path):
     (["--backends", "ddp,fsdp:bogus"], "--backends"),
     (["--backends", "ddp"], "--backends"),
     (["--backends", "ddp,fsdp", "--override", "tp:2:optim.lr=1e-3"], "--override"),
-    (["--backends", "ddp,fsdp", "--override", "fsdp:precision=bf16"], "--override"),
+    (["--backends", "ddp,fsdp", "--override", "fsdp:optim.lr"], "--override"),
+    (["--backends", "ddp,fsdp", "--override", "ddp:optim.lr=fast"], "optim.lr"),
     (["--backends", "ddp,tp:3"], "tp_size"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_data: Path, tmp_path: Path, capsys, args: list[str], names: str):
@@ -74,6 +75,48 @@ def test_bad_input_is_one_line_and_exit_2(tiny_data: Path, tmp_path: Path, capsy
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], lines
     assert not (tmp_path / "p").exists()  # nothing was launched
+
+
+def _plan(data: Path, out: Path, overrides: list[str], override: list[str] = ()):
+    """parity's planning alone, in this process: every check, no training."""
+    import argparse
+
+    from scaletrain.experiments.parity import plan_runs
+
+    args = argparse.Namespace(backends="ddp,fsdp", overrides=[*base_overrides(data), *overrides],
+                              override=list(override), steps=STEPS, nproc=2, config=None)
+    return plan_runs(args, out)
+
+
+def test_the_overrides_of_a_training_command_are_taken_and_what_parity_replaced_is_one_line(
+        tiny_data: Path, tmp_path: Path, capsys):
+    from scaletrain.config import load_config
+
+    out = tmp_path / "p"
+    runs = _plan(tiny_data, out, ["train.log_every=10", "precision=bf16", "optim.lr=2e-3"],
+                 ["fsdp:checkpoint.every=5", "fsdp:optim.weight_decay=0.2"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["parity: replaced train.log_every=10 -> 1, precision=bf16 -> fp32, fsdp:checkpoint.every=5 -> 0 "
+                     "(parity sets them)"], lines
+    for run in runs:
+        cfg = load_config(None, run.overrides)
+        assert (cfg.train.log_every, cfg.precision, cfg.checkpoint.every) == (1, "fp32", 0), run.spec
+        assert cfg.optim.lr == 2e-3 and cfg.run.out_dir == run.run_dir  # the rest of the user's overrides stand
+        assert cfg.optim.weight_decay == (0.2 if run.spec == "fsdp" else load_config(None, []).optim.weight_decay)
+        assert not {"train.log_every=10", "precision=bf16", "fsdp:checkpoint.every=5"} & set(run.overrides)
+    assert not out.exists()  # planning writes nothing
+
+
+def test_replacing_steps_or_the_run_folder_names_the_flag_that_sets_them(tiny_data: Path, tmp_path: Path, capsys):
+    out = tmp_path / "p"
+    _plan(tiny_data, out, ["train.max_steps=500", f"run.out_dir={tmp_path / 'mine'}", "checkpoint.resume=auto"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"parity: replaced train.max_steps=500 -> {STEPS}, run.out_dir={tmp_path / 'mine'} -> "
+                     f"{out}/<n>-<spec>, checkpoint.resume=auto -> never (parity sets them; --out and --steps "
+                     "choose them)"], lines
+    capsys.readouterr()
+    _plan(tiny_data, tmp_path / "q", ["optim.lr=2e-3"])  # nothing of parity's: nothing said
+    assert capsys.readouterr().err == ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -355,3 +355,54 @@ def test_item18_resaving_a_step_keeps_the_old_copy_until_the_new_one_is_in_place
     layout.clean_tmp(tmp_path)  # the next start puts the old, complete copy back
     assert layout.check_tag(old, digests=digests(old)).intact
     assert (old / "dcp" / "__0_0.distcp").read_bytes() == b"old" * 10
+
+
+# ---------------------------------------------------------------------------------------------
+# The durable writes under the layout (`scaletrain.io`): one implementation for every caller
+
+
+def test_write_atomic_replaces_whole_and_leaves_no_temporary_file(tmp_path: Path, monkeypatch):
+    import os
+
+    from scaletrain import io
+
+    target = tmp_path / "latest"
+    io.write_atomic(target, "step_00000001\n")
+    io.write_atomic(target, b"step_00000002\n")  # bytes as they are
+    assert target.read_text() == "step_00000002\n"
+    synced = []
+    monkeypatch.setattr(io, "fsync_dir", lambda p: synced.append(Path(p)))
+    io.write_atomic(target, "step_00000003\n")
+    assert synced == [tmp_path]  # the rename itself is made durable
+
+    def no_rename(src, dst):  # a full disk or a crash between write and rename
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io.os, "replace", no_rename)
+    with pytest.raises(OSError, match="No space"):
+        io.write_atomic(target, "step_00000004\n")
+    monkeypatch.setattr(io.os, "replace", os.replace)
+    assert target.read_text() == "step_00000003\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["latest"]  # the temporary sibling is gone
+    assert layout.write_atomic is io.write_atomic and layout.fsync_tree is io.fsync_tree
+
+
+def test_fsync_tree_syncs_every_file_and_the_folders_that_hold_them(tmp_path: Path, monkeypatch):
+    import os
+
+    from scaletrain import io
+
+    (tmp_path / "dcp").mkdir()
+    (tmp_path / "dcp" / "a.distcp").write_bytes(b"a")
+    (tmp_path / "client_state.pt").write_bytes(b"b")
+    files, folders = [], []
+    real_fsync = os.fsync
+    monkeypatch.setattr(io.os, "fsync", lambda fd: (files.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                    real_fsync(fd)))
+    monkeypatch.setattr(io, "fsync_dir", lambda p: folders.append(Path(p)))
+    io.fsync_tree(tmp_path)
+    assert sorted(Path(f).relative_to(tmp_path).as_posix() for f in files) == ["client_state.pt", "dcp/a.distcp"]
+    assert folders == [tmp_path / "dcp", tmp_path]  # deepest first
+    files.clear()
+    io.fsync_tree(tmp_path, ["dcp/a.distcp"])  # only the named ones
+    assert [Path(f).name for f in files] == ["a.distcp"]

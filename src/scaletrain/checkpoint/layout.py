@@ -9,7 +9,8 @@ ckpt/
     ...                the engine's own files
 ```
 A tag counts only when its `meta.json` exists. Saves go to `.tmp-<tag>` and are renamed into place,
-so a crash mid-save leaves earlier tags and `latest` untouched. Imports no torch: `scaletrain.errors` only.
+so a crash mid-save leaves earlier tags and `latest` untouched. Imports no torch: `scaletrain.errors`,
+`scaletrain.io` (the durable writes).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from scaletrain.errors import CheckpointError
+from scaletrain.io import fsync_dir, write_atomic
+
+# Callers write through this module's names (`layout.write_atomic`, `layout.fsync_tree`); the one
+# implementation of each durable write is `scaletrain.io`.
+from scaletrain.io import fsync_tree as fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -76,30 +82,6 @@ def _inside(root: Path, child: Path, name: str) -> Path:
     return child
 
 
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small text file so readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def file_digest(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -138,14 +120,6 @@ def list_files(tag_dir: Path) -> list[str]:
         for p in tag_dir.rglob("*")
         if p.is_file() and p.name != META_FILE
     )
-
-
-def fsync_tree(tag_dir: Path, names: list[str]) -> None:
-    for name in names:
-        with open(tag_dir / name, "rb") as f:
-            os.fsync(f.fileno())
-    for d in {(tag_dir / n).parent for n in names} | {tag_dir}:
-        fsync_dir(d)
 
 
 @dataclass(frozen=True)

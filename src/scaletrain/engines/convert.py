@@ -19,7 +19,8 @@ The source is verified first (sizes and sha256 of every file): a damaged tag is 
 `checkpoint.resume=DIR`.
 
 Imports: torch, `scaletrain.checkpoint` (`layout`, `manager`), `scaletrain.config`, `scaletrain.dist`,
-`scaletrain.engines`, `scaletrain.errors`, `scaletrain.model.build`, `scaletrain.optim`.
+`scaletrain.engines`, `scaletrain.errors`, `scaletrain.model.build`, `scaletrain.optim`, `scaletrain.procs`
+(the conversion processes: their own session, dying with this one, stopped as a group).
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ import logging
 import multiprocessing as mp
 import os
 import queue
-import socket
 import traceback
 from pathlib import Path
 from typing import Any
 
 from scaletrain.checkpoint import layout
 from scaletrain.errors import CheckpointError, ConfigError, ScaletrainError
+from scaletrain.procs import free_port, stop_children, tie_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,10 @@ def target_config(meta: dict[str, Any], spec: str) -> Any:
     return build_config(merge(tree, parse_overrides(overrides)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, args: tuple, results: Any) -> None:
+def _worker(rank: int, world: int, port: int, parent: int, args: tuple, results: Any) -> None:
+    """One conversion process (spawned): in a session of its own, dying with the converting process, so
+    a killed `scaletrain convert` leaves no process waiting in a collective."""
+    tie_to_parent(parent, new_session=True)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
@@ -167,9 +165,9 @@ def convert(ckpt: Path, spec: str, *, world: int | None = None, out: Path | None
         raise CheckpointError(f"convert: --out {out} overlaps the source tag {tag}; choose another folder")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, (tag, meta, spec, out), results), daemon=True)
-             for r in range(world)]
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, os.getpid(), (tag, meta, spec, out), results),
+                         daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     errors: list[str] = []
@@ -186,11 +184,8 @@ def convert(ckpt: Path, spec: str, *, world: int | None = None, out: Path | None
                 break  # the others may wait in a collective: stop them below
             if rank == 0:
                 written = value
-    finally:
-        for p in procs:
-            p.join(timeout=10 if not errors else 1)
-            if p.is_alive():
-                p.kill()
+    finally:  # done: they are exiting; failed: the others may wait in a collective
+        stop_children(procs, wait_s=10 if not errors else 1)
     if errors:
         raise CheckpointError(errors[0] if errors[0].startswith(("convert", "checkpoint")) else f"convert: {errors[0]}")
     return Path(written) if written else final

@@ -12,56 +12,46 @@ specs (`tp:N` splits matrix products, so sums run in another order and the gap g
 When the backends would read different global batches (tensor parallel shrinks the data-parallel size)
 and the config does not fix `train.global_batch_size`, it is pinned to the largest of them for all.
 
+The overrides of a training command can be pasted as they are: for the keys parity owns (`OWNED_KEYS`)
+its own values win, in the shared overrides and in `--override SPEC:key=value` alike, and one stderr
+line names each value it replaced.
+
 Everything is checked before the first launch (each backend's config with its overrides, world-size
 rules, data), so a bad input is one line and exit 2 without any training. Exit codes: 0 every backend
 agrees; 1 a backend diverges or fails to run (its last stderr lines are shown); 2 bad input; 130
 interrupted. Each run starts in a session of its own and is killed as a group on timeout or interrupt.
 
-Imports: rich (lazily), `scaletrain.config`, `scaletrain.engines.registry`, `scaletrain.errors`,
-`scaletrain.train.loop` (lazily, for its checks), `scaletrain.procs` (child processes).
+Imports: `scaletrain.config`, `scaletrain.engines.registry`, `scaletrain.errors`,
+`scaletrain.experiments.parity_compare` (the comparison and the report), `scaletrain.train.loop` (lazily,
+for its checks), `scaletrain.procs` (child processes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from scaletrain.config import load_config, parse_overrides
 from scaletrain.engines.registry import SPEC_HELP, spec_overrides
-from scaletrain.errors import ConfigError, ExitCode
-from scaletrain.procs import Interrupted, die_with_parent_fn, kill_group
+from scaletrain.errors import ConfigError
+from scaletrain.experiments.parity_compare import DEFAULT_TOLERANCE as DEFAULT_TOLERANCE
+from scaletrain.experiments.parity_compare import DEFAULT_TP_TOLERANCE as DEFAULT_TP_TOLERANCE
+from scaletrain.experiments.parity_compare import BackendRun, compare, report
+from scaletrain.procs import Interrupted, interrupt_scope, kill_group, start_child
 
-DEFAULT_TOLERANCE = 1e-4
-DEFAULT_TP_TOLERANCE = 1e-3
-# Keys parity sets itself; the message says which flag controls each.
+# Keys parity sets itself, and who decides them: a user's value for one is replaced, and said so.
 OWNED_KEYS = {"run.out_dir": "--out", "train.max_steps": "--steps", "train.log_every": "parity (every step)",
               "precision": "parity (always fp32)", "checkpoint.every": "parity (no periodic saves)",
               "checkpoint.resume": "parity (always a fresh run)"}
-METRICS = ("loss", "grad_norm", "lr")
 TAIL_LINES = 15
-
-
-@dataclass
-class BackendRun:
-    spec: str  # as the user wrote it
-    overrides: list[str]  # everything after the base overrides, in order
-    run_dir: Path
-    tp: bool
-    records: dict[int, dict[str, Any]] = field(default_factory=dict)
-    error: str | None = None  # why the run failed, when it did
-    tail: list[str] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,10 +65,35 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _check_owned(items: list[str], where: str) -> None:
-    for key in _flat(parse_overrides(items)):
-        if key in OWNED_KEYS:
-            raise ConfigError(f"{where}: {key} is set by {OWNED_KEYS[key]}; drop it from the overrides")
+def take_owned(items: list[str], where: str = "") -> tuple[list[str], list[tuple[str, str]]]:
+    """Split overrides into those parity passes on and the `OWNED_KEYS` it sets itself:
+    (kept items, [(where + key, value as the user wrote it)]). An item that sets owned and other keys
+    at once (a whole section) is kept; parity's own values come after it and win."""
+    kept, owned = [], []
+    for item in items:
+        flat = _flat(parse_overrides([item]))
+        mine = [k for k in flat if k in OWNED_KEYS]
+        owned += [(f"{where}{k}", item.partition("=")[2].strip() if len(flat) == 1 else json.dumps(flat[k]))
+                  for k in mine]
+        if not flat or len(mine) < len(flat):
+            kept.append(item)
+    return kept, owned
+
+
+def _forced(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """What parity sets in every run, whatever the overrides say (the OWNED_KEYS and the console)."""
+    return {"precision": "fp32", "train.max_steps": args.steps, "train.log_every": 1, "checkpoint.every": 0,
+            "checkpoint.resume": "never", "run.out_dir": run_dir, "logging.console": "false"}
+
+
+def replaced_line(owned: list[tuple[str, str]], args: argparse.Namespace, out: Path) -> str | None:
+    """The one stderr line that says which of the user's overrides parity replaced, and by what."""
+    if not owned:
+        return None
+    ours = _forced(args, out / "<n>-<spec>")
+    said = ", ".join(f"{key}={value} -> {ours[key.rpartition(':')[2]]}" for key, value in owned)
+    flags = sorted({OWNED_KEYS[k.rpartition(":")[2]] for k, _ in owned} & {"--out", "--steps"})
+    return f"parity: replaced {said} (parity sets them{'; ' + ' and '.join(flags) + ' choose them' if flags else ''})"
 
 
 def parse_specs(text: str) -> list[str]:
@@ -114,7 +129,6 @@ def parse_backend_overrides(items: list[str], specs: list[str]) -> dict[str, lis
         if target is None:
             raise ConfigError(f"--override {item!r}: {spec!r} is not among --backends ({', '.join(specs)}); "
                               "use one of those specs")
-        _check_owned([f"{key}={value}"], f"--override {item!r}")
         out[target].append(f"{key.strip()}={value}")
     return out
 
@@ -132,7 +146,7 @@ def _spec_items(spec: str) -> list[str]:
 def plan_runs(args: argparse.Namespace, out: Path) -> list[BackendRun]:
     """Every backend's overrides, checked the way `scaletrain train` checks them. Raises ConfigError."""
     specs = parse_specs(args.backends)
-    _check_owned(list(args.overrides), "overrides")
+    base, owned = take_owned(list(args.overrides))
     extra = parse_backend_overrides(list(args.override), specs)
     from scaletrain.train.loop import plan_run
     runs = []
@@ -140,14 +154,15 @@ def plan_runs(args: argparse.Namespace, out: Path) -> list[BackendRun]:
         run_dir = out / _folder_name(i, spec)
         if run_dir.exists():
             raise ConfigError(f"--out {out}: {run_dir.name} already exists; choose a new --out folder")
-        forced = ["precision=fp32", f"train.max_steps={args.steps}", "train.log_every=1", "checkpoint.every=0",
-                  "checkpoint.resume=never", f"run.out_dir={run_dir}", "logging.console=false"]
-        runs.append(BackendRun(spec, [*_spec_items(spec), *forced, *extra[spec]], run_dir,
+        mine, also = take_owned(extra[spec], f"{spec}:")
+        owned += also
+        forced = [f"{k}={v}" for k, v in _forced(args, run_dir).items()]
+        runs.append(BackendRun(spec, [*base, *_spec_items(spec), *forced, *mine], run_dir,
                                tp=spec_overrides(spec).get("backend.tp_size", 1) > 1))
 
     def check(run: BackendRun, pinned: list[str]) -> Any:
         try:
-            cfg = load_config(args.config, [*args.overrides, *run.overrides, *pinned])
+            cfg = load_config(args.config, [*run.overrides, *pinned])
             return cfg, plan_run(cfg, args.nproc)
         except ConfigError as e:
             raise ConfigError(f"backend {run.spec}: {e}") from None
@@ -164,6 +179,8 @@ def plan_runs(args: argparse.Namespace, out: Path) -> list[BackendRun]:
             check(r, pinned)
             r.overrides.append(pinned[0])
         print(f"parity: global batches differ ({said}); every backend runs {pinned[0]}", file=sys.stderr)
+    if line := replaced_line(owned, args, out):
+        print(line, file=sys.stderr)
     return runs
 
 
@@ -208,12 +225,11 @@ def launch(args: argparse.Namespace, run: BackendRun, out: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            # `-m scaletrain.procs` ties each worker to its launcher before anything else, then runs `scaletrain`.
            "-m", "scaletrain.procs", "train", *(["--config", str(args.config)] if args.config else []),
-           *args.overrides, *run.overrides]
+           *run.overrides]
     log_out, log_err = out / f"{run.run_dir.name}.log", out / f"{run.run_dir.name}.err"
     start = time.monotonic()
     with open(log_out, "wb") as fo, open(log_err, "wb") as fe:
-        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=_child_env(), start_new_session=True,
-                                preexec_fn=die_with_parent_fn())
+        proc = start_child(cmd, stdout=fo, stderr=fe, env=_child_env())
     try:
         rc = proc.wait(timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -234,121 +250,6 @@ def launch(args: argparse.Namespace, run: BackendRun, out: Path) -> None:
         run.tail = _tail(log_err) or _tail(log_out)
 
 
-# ---------------------------------------------------------------------------------------------
-# Comparing
-
-
-def rel_diff(a: Any, b: Any) -> float:
-    if a is None or b is None:
-        return 0.0 if a is None and b is None else math.inf
-    a, b = float(a), float(b)
-    if math.isnan(a) or math.isnan(b):
-        return 0.0 if math.isnan(a) and math.isnan(b) else math.inf
-    if a == b:
-        return 0.0
-    return abs(a - b) / max(abs(a), abs(b))
-
-
-@dataclass
-class StepRow:
-    step: int
-    worst: float  # the largest relative difference from the reference, any metric, any backend
-    offenders: list[str]  # "spec metric" pairs beyond their tolerance
-    missing: list[str]  # backends without a record of this step (a failed run)
-
-
-def compare(runs: list[BackendRun], steps: int, tolerance: float | None) -> list[StepRow]:
-    ref = runs[0]
-    rows = []
-    for step in range(1, steps + 1):
-        worst, offenders = 0.0, []
-        missing = [r.spec for r in runs if step not in r.records]
-        for run in runs[1:]:
-            a, b = run.records.get(step), ref.records.get(step)
-            if a is None or b is None:
-                continue
-            tol = tolerance if tolerance is not None else (DEFAULT_TP_TOLERANCE if run.tp else DEFAULT_TOLERANCE)
-            for m in METRICS:
-                d = rel_diff(a.get(m), b.get(m))
-                worst = max(worst, d)
-                if d > tol:
-                    offenders.append(f"{run.spec} {m}")
-        rows.append(StepRow(step, worst, offenders, missing))
-    return rows
-
-
-def _fmt(v: Any) -> str:
-    return "-" if v is None else f"{float(v):.7g}"
-
-
-def _table(runs: list[BackendRun], rows: list[StepRow]) -> Any:
-    from rich.table import Table
-
-    lrs_agree = all(rel_diff(r.records.get(s.step, {}).get("lr"), runs[0].records.get(s.step, {}).get("lr")) == 0
-                    for r in runs if r.records for s in rows)
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    table.add_column("step", justify="right", no_wrap=True)
-    for r in runs:
-        table.add_column(f"{r.spec}\nloss", justify="right", no_wrap=True)
-        table.add_column(f"{r.spec}\ngrad norm", justify="right", no_wrap=True)
-        if not lrs_agree:
-            table.add_column(f"{r.spec}\nlr", justify="right", no_wrap=True)
-    if lrs_agree:
-        table.add_column("lr", justify="right", no_wrap=True)
-    table.add_column("max rel\ndiff", justify="right", no_wrap=True)
-    table.add_column("verdict", no_wrap=True)
-    for row in rows:
-        cells = [str(row.step)]
-        for r in runs:
-            rec = r.records.get(row.step, {})
-            cells += [_fmt(rec.get("loss")), _fmt(rec.get("grad_norm"))] + ([] if lrs_agree else [_fmt(rec.get("lr"))])
-        if lrs_agree:
-            cells.append(_fmt(runs[0].records.get(row.step, {}).get("lr")))
-        cells.append(f"{row.worst:.1e}" if len(runs) - len(row.missing) > 1 else "-")
-        verdict = [f"DIVERGES: {', '.join(row.offenders)}"] if row.offenders else []
-        verdict += [f"no record: {', '.join(row.missing)}"] if row.missing else []
-        cells.append(f"[red]{'; '.join(verdict)}[/red]" if verdict else "[green]ok[/green]")
-        table.add_row(*cells)
-    return table
-
-
-def report(runs: list[BackendRun], rows: list[StepRow], args: argparse.Namespace, kept: bool) -> int:
-    from rich.console import Console
-
-    console = Console()
-    if not console.is_terminal:  # piped or captured: print the table at its natural width
-        console = Console(width=1000)
-    console.print(_table(runs, rows))
-    failed = [r for r in runs if r.error]
-    for r in failed:
-        where = f" ({r.run_dir.parent / r.run_dir.name}.err)" if kept else " (rerun with --keep for the logs)"
-        said = f"; its last output{where}:" if r.tail else f"; no output{where}"
-        console.print(f"[red]{r.spec} failed[/red]: {r.error}{said}", highlight=False)
-        for line in r.tail:
-            console.print(f"  {line}", markup=False, highlight=False)
-    bad = [row for row in rows if row.offenders]
-    finite = [row.worst for row in rows if math.isfinite(row.worst)]
-    worst = f"{max(finite):.1e}" if finite else "-"
-    tol = (f"{args.tolerance:g}" if args.tolerance is not None
-           else f"{DEFAULT_TOLERANCE:g} ({DEFAULT_TP_TOLERANCE:g} for tp)")
-    others = ", ".join(r.spec for r in runs[1:])
-    if failed:
-        summary = f"parity FAILED: {', '.join(r.spec for r in failed)} did not run to the end"
-        if bad:
-            summary += f"; differences beyond tolerance from step {bad[0].step} ({', '.join(bad[0].offenders)})"
-    elif bad:
-        first = bad[0]
-        who = sorted({o.rsplit(" ", 1)[0] for row in bad for o in row.offenders})
-        summary = (f"parity FAILED: {', '.join(who)} diverge{'s' if len(who) == 1 else ''} from {runs[0].spec} "
-                   f"from step {first.step} ({', '.join(first.offenders)}; "
-                   f"largest relative difference {worst}, tolerance {tol})")
-    else:
-        summary = (f"parity ok: {others} agree with {runs[0].spec} over {args.steps} steps "
-                   f"(largest relative difference {worst}, tolerance {tol})")
-    console.print(summary, highlight=False, markup=False)
-    return ExitCode.DAMAGE if failed or bad else ExitCode.OK
-
-
 def run_parity(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.nproc < 1:
         raise ConfigError(f"--{'steps' if args.steps < 1 else 'nproc'} must be >= 1")
@@ -363,22 +264,17 @@ def run_parity(args: argparse.Namespace) -> int:
         runs = plan_runs(args, out)
         out.mkdir(parents=True, exist_ok=True)
 
-        def interrupt(signum: int, _frame: Any) -> None:
-            raise Interrupted(signal.Signals(signum).name)
-
-        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
-            for i, run in enumerate(runs, 1):
-                print(f"parity: [{i}/{len(runs)}] {run.spec} ...", file=sys.stderr, flush=True)
-                launch(args, run, out)
-                state = f"failed ({run.error})" if run.error else "done"
-                print(f"parity: [{i}/{len(runs)}] {run.spec} {state} in {run.seconds:.0f}s", file=sys.stderr, flush=True)
+            with interrupt_scope():
+                for i, run in enumerate(runs, 1):
+                    print(f"parity: [{i}/{len(runs)}] {run.spec} ...", file=sys.stderr, flush=True)
+                    launch(args, run, out)
+                    state = f"failed ({run.error})" if run.error else "done"
+                    print(f"parity: [{i}/{len(runs)}] {run.spec} {state} in {run.seconds:.0f}s", file=sys.stderr,
+                          flush=True)
         except (Interrupted, KeyboardInterrupt) as e:
             print(f"parity interrupted ({e or 'SIGINT'}); the running backend was stopped", file=sys.stderr)
             return 130
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
         code = report(runs, compare(runs, args.steps, args.tolerance), args, kept=not remove)
         if not remove:
             print(f"run folders and logs: {out}", file=sys.stderr)

@@ -29,7 +29,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from typing import Any
 
 from scaletrain.config import Config, config_to_toml, load_config, read_config_file, valid_keys
 from scaletrain.errors import ConfigError
-from scaletrain.procs import Interrupted, die_with_parent_fn, kill_group
+from scaletrain.procs import Interrupted, interrupt_scope, kill_group, start_child
 from scaletrain.train.trial import ENV_PRUNER, ENV_STORAGE, ENV_STUDY, ENV_TRIAL, _optuna, make_pruner
 
 PARAM_TYPES = ("float", "int", "categorical")
@@ -200,8 +199,7 @@ def _run_trial(args: argparse.Namespace, study: Any, trial: Any, params: dict[st
     log_path = run_dir / "sweep-trial.log"
     print(f"trial {trial.number}: {params} -> {run_dir}", flush=True)
     with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(_trial_cmd(args, params, run_dir), stdout=log_file, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True, preexec_fn=die_with_parent_fn())
+        proc = start_child(_trial_cmd(args, params, run_dir), stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:
         while True:
             study._storage.record_heartbeat(trial._trial_id)
@@ -268,22 +266,16 @@ def run_sweep(args: argparse.Namespace) -> int:
                                 pruner=pruner)
     optuna.storages.fail_stale_trials(study)  # trials of a sweep that was killed
 
-    def interrupt(signum: int, _frame: Any) -> None:
-        raise Interrupted(signal.Signals(signum).name)
-
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        while len(_finished(study)) < args.trials:
-            # Seeded by the study's size, so a continued sweep draws as an uninterrupted one would.
-            study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))
-            trial = study.ask()
-            _run_trial(args, study, trial, suggest(trial, space), url, out)
+        with interrupt_scope():
+            while len(_finished(study)) < args.trials:
+                # Seeded by the study's size, so a continued sweep draws as an uninterrupted one would.
+                study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))
+                trial = study.ask()
+                _run_trial(args, study, trial, suggest(trial, space), url, out)
     except Interrupted as e:
         print(f"sweep interrupted by {e}; run the same command again to continue", file=sys.stderr)
         return 130
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
     print(_table(study))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:

@@ -15,7 +15,8 @@ that a daemon thread renews every `HEARTBEAT_S` seconds:
 - released (deleted) when the run ends; a crash leaves it to go stale.
 
 Takeover writes a new lease through rename and reads it back after a short pause, so of two jobs
-taking over the same stale lease one wins and the other is refused. Imports: `scaletrain.errors`.
+taking over the same stale lease one wins and the other is refused. Imports: `scaletrain.errors`,
+`scaletrain.io`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from scaletrain.errors import ScaletrainError
+from scaletrain.io import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +78,9 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _write_replace(path: Path, lease: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.{lease['token'].replace(':', '-')}.tmp")
-    tmp.write_text(json.dumps(lease))
-    os.replace(tmp, path)
+    """Through a rename (`scaletrain.io.write_atomic`): of two jobs taking over at once the last rename
+    wins whole, and a reader never sees half a lease."""
+    write_atomic(path, json.dumps(lease))
 
 
 def describe(lease: dict[str, Any], now: float) -> str:

@@ -3,7 +3,8 @@ sink that does nothing on every other rank (so call sites never branch on rank).
 
 Also the end-of-run summary (`run_summary`, printed by `SummaryCallback`).
 Never runs a collective. Imports: rich, `scaletrain.config`, `scaletrain.train.callbacks`,
-`scaletrain.checkpoint.layout`.
+`scaletrain.checkpoint.layout`, `scaletrain.io` (truncating on resume), `scaletrain.logs` (the console the
+progress bar shares with the log lines).
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import logging
 import math
 import os
 import shlex
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from scaletrain.checkpoint import layout
 from scaletrain.config import LoggingConfig
+from scaletrain.io import write_atomic
+from scaletrain.logs import live_console
 from scaletrain.train.callbacks import Callback, RunInfo
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,19 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     """On resume, keep the records with `step <= after_step` (later steps will run and log again).
 
     A line that does not parse (a torn last line after power loss) is dropped with a warning rather
-    than failing every resume. The file is replaced atomically (temp, fsync, rename), so a crash here
-    leaves either the old or the new file."""
+    than failing every resume. The file is replaced atomically (`scaletrain.io.write_atomic`), so a
+    crash here leaves either the old or the new file."""
     path = Path(path)
     if not path.is_file():
         return
+    kept, bad = _records_up_to(path, after_step)
+    if bad:
+        log.warning("%s: dropped %d line(s) that do not parse (a torn write?)", path, bad)
+    write_atomic(path, "".join(kept))
+
+
+def _records_up_to(path: Path, after_step: int) -> tuple[list[str], int]:
+    """The JSONL lines of `path` whose `step <= after_step`, re-serialised, and how many did not parse."""
     kept: list[str] = []
     bad = 0
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -53,26 +62,7 @@ def truncate_metrics(path: Path, after_step: int) -> None:
                 continue
             if step <= after_step:
                 kept.append(json.dumps(record) + "\n")
-    if bad:
-        log.warning("%s: dropped %d line(s) that do not parse (a torn write?)", path, bad)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.writelines(kept)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    return kept, bad
 
 
 class NullSink:
@@ -110,7 +100,7 @@ class RankZeroSink:
     def __init__(self, run_dir: Path, cfg: LoggingConfig, run_config: dict[str, Any]) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.cfg = cfg
-        self.console = Console(stderr=True)
+        self.console = live_console()  # the log console on a terminal: log lines print above the bar
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 (closed in close())
         self._progress: Progress | None = None
         self._task = None
