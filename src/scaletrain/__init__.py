@@ -1,11 +1,14 @@
 """scaletrain: one training loop for PyTorch models over DDP, FSDP2 and DeepSpeed ZeRO.
 
 `scaletrain.fit(...)` trains from Python (see `scaletrain.api`); it is imported on first use, so
-`import scaletrain` stays light (no torch).
+`import scaletrain` stays light (no torch). The built-in backends register here, so every use of the
+config (`scaletrain.config.load_config`, ...) sees their sections: Python runs this module before any
+other of the package, and it sits at the top of the layering (`scaletrain.engines.registry` explains).
 """
 
 from typing import Any
 
+from scaletrain.engines import registry as _registry  # noqa: F401  (registers ddp, fsdp, deepspeed)
 from scaletrain.errors import CheckpointError, ConfigError, DataError, ScaletrainError
 
 __version__ = "0.1.0"
