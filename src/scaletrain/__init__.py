@@ -8,7 +8,6 @@ other of the package, and it sits at the top of the layering (`scaletrain.engine
 
 from typing import Any
 
-from scaletrain.engines import registry as _registry  # noqa: F401  (registers ddp, fsdp, deepspeed)
 from scaletrain.errors import CheckpointError, ConfigError, DataError, ScaletrainError
 
 __version__ = "0.1.0"
@@ -20,3 +19,7 @@ def fit(config: Any, callbacks: Any = ()) -> Any:
     from scaletrain.api import fit as _fit
 
     return _fit(config, callbacks)
+
+
+# Last, so the names above exist while the built-in backends (ddp, fsdp, deepspeed) register.
+from scaletrain.engines import registry as _registry  # noqa: E402, F401

@@ -52,18 +52,18 @@ BACKENDS: dict[str, Backend] = {}
 _SPEC_WORDS: dict[str, Backend] = {}
 OFFLOAD_SUFFIX = "+offload"
 
+
 def register(new: Backend, *, replace: bool = False) -> Backend:
     """Add a backend: its kind to `backend.kind`, its section to the config, its spec words to the
     grammar. A kind or spec word another backend holds is refused unless `replace=True`."""
     if BACKENDS.get(new.kind) is new:
         return new
-    clash = {BACKENDS.get(w) or _SPEC_WORDS.get(w) for w in (new.kind, *new.spec_words)} - {None}
+    clash = {b for w in (new.kind, *new.spec_words) if (b := BACKENDS.get(w) or _SPEC_WORDS.get(w)) is not None}
     if clash and not replace:
-        names = sorted(b.kind for b in clash if b is not None)
+        names = sorted(b.kind for b in clash)
         raise ValueError(f"backend {new.kind!r}: its kind or spec words are taken by {names}; pass replace=True")
     for old in clash:
-        if old is not None:
-            unregister(old.kind)
+        unregister(old.kind)
     BACKENDS[new.kind] = new
     _SPEC_WORDS.update(dict.fromkeys(new.spec_words, new))
     _schema.add_backend(new.kind, new.config_section)
