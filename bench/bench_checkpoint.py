@@ -61,7 +61,8 @@ def _raw_write(folder: Path, nbytes: int, rank: int) -> None:
 def _engine(args: argparse.Namespace, ctx: Any, fmt: str = "sharded") -> Any:
     import torch
 
-    from scaletrain.config import DDPConfig, ModelConfig
+    from scaletrain.config import ModelConfig
+    from scaletrain.engines.backends.ddp import DDPConfig
     from scaletrain.engines.base import EngineSpec
     from scaletrain.engines.torch_native import TorchNativeEngine
     from scaletrain.model.gpt import GPT

@@ -61,7 +61,9 @@ def model_state_bytes(engine: Any) -> dict[str, int]:
 def _build(kind: str, args: argparse.Namespace, ctx: Any) -> Any:
     import torch
 
-    from scaletrain.config import DDPConfig, FSDPConfig, ModelConfig, OptimConfig
+    from scaletrain.config import ModelConfig, OptimConfig
+    from scaletrain.engines.backends.ddp import DDPConfig
+    from scaletrain.engines.backends.fsdp import FSDPConfig
     from scaletrain.engines.base import EngineSpec
     from scaletrain.model.build import build_model
     from scaletrain.optim import build_adamw

@@ -116,8 +116,8 @@ def _build(args: argparse.Namespace, ctx, factory):
         ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
         return build_zero3(factory, ds, seed=0, source=None)
     else:  # meta build, FSDP (or TP x FSDP) on meta, then each rank materialises its shard
-        from scaletrain.config import FSDPConfig
         from scaletrain.engines import parallel
+        from scaletrain.engines.backends.fsdp import FSDPConfig
         from scaletrain.model.materialize import build_on_meta, materialize
 
         tp = 2 if args.variant == "tp" else 1

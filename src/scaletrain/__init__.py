@@ -1,7 +1,9 @@
 """scaletrain: one training loop for PyTorch models over DDP, FSDP2 and DeepSpeed ZeRO.
 
 `scaletrain.fit(...)` trains from Python (see `scaletrain.api`); it is imported on first use, so
-`import scaletrain` stays light (no torch).
+`import scaletrain` stays light (no torch). The built-in backends register here, so every use of the
+config (`scaletrain.config.load_config`, ...) sees their sections: Python runs this module before any
+other of the package, and it sits at the top of the layering (`scaletrain.engines.registry` explains).
 """
 
 from typing import Any
@@ -17,3 +19,7 @@ def fit(config: Any, callbacks: Any = ()) -> Any:
     from scaletrain.api import fit as _fit
 
     return _fit(config, callbacks)
+
+
+# Last, so the names above exist while the built-in backends (ddp, fsdp, deepspeed) register.
+from scaletrain.engines import registry as _registry  # noqa: E402, F401

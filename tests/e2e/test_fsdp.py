@@ -148,8 +148,9 @@ def test_bad_wrap_class_exits_2_with_one_line(tiny_data: Path, tmp_path: Path):
 
 def test_bad_fsdp_settings_are_config_errors():
     """Checked in-process (the CLI turns ConfigError into one line and exit 2, see above)."""
-    from scaletrain.config import FSDPConfig, load_config
+    from scaletrain.config import load_config
     from scaletrain.engines import registry
+    from scaletrain.engines.backends.fsdp import FSDPConfig
     from scaletrain.engines.parallel import dp_mesh_shape
     from scaletrain.errors import ConfigError
 

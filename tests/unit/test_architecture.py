@@ -26,9 +26,12 @@ LAYERS = (
     ("commands",),
     ("api", "cli", "__init__", "__main__"),
 )
-# Modules that may branch on a backend's name: the engines, and the checkpoint modules that read and
-# write each backend's own files.
-BACKEND_AWARE = ("engines.", "checkpoint.torch_state", "checkpoint.deepspeed_state", "checkpoint.zero_layout",
+# Modules that may branch on a backend's name: the backend modules, the engine modules they build, and
+# the checkpoint modules that read and write each backend's own files. The registry, the planner and
+# conversion ask the backend objects instead.
+BACKEND_AWARE = ("engines.backends.", "engines.torch_native", "engines.deepspeed_zero", "engines.ds_config",
+                 "engines.parallel", "engines.tensor_parallel", "engines.grads", "engines.base",
+                 "checkpoint.torch_state", "checkpoint.deepspeed_state", "checkpoint.zero_layout",
                  "checkpoint.dcp_safe", "checkpoint.readers", "checkpoint.portable")
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = {"": 60, "train.": 40}

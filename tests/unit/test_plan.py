@@ -179,3 +179,38 @@ def test_vocabulary_comes_from_the_prepared_data_folder(tmp_path):
         (tmp_path / f"{split}.bin").write_bytes(b"")
     cfg = load_config(None, [*(o for o in TINY if not o.startswith("model.vocab_size")), f"data.path={tmp_path}"])
     assert plan_memory(cfg, 2, "ddp").n_params == P
+
+
+def test_without_backends_plan_lists_every_backend_and_strategy(capsys):
+    """Leftover 2: no --backends means every registered backend's specs; those that do not fit the world
+    size or the model are left out with a note (exit 0), not an error."""
+    from scaletrain.engines import registry
+    from scaletrain.engines.plan import plan_every_backend
+
+    heads2 = [o if not o.startswith("model.n_head") else "model.n_head=2" for o in TINY]
+    assert main(["plan", "--world", "8", "--device-memory", "1GB", *heads2, "--json"]) == 0
+    out = capsys.readouterr()
+    rows = {r["spec"]: r for r in json.loads(out.out)}
+    specs = list(rows)
+    assert specs == registry.default_specs() and not out.err
+    for want in ("ddp", "fsdp:full_shard", "fsdp:shard_grad_op", "fsdp:hybrid_shard", "fsdp:no_shard", "tp:2",
+                 "deepspeed:1", "deepspeed:2", "deepspeed:3", "deepspeed:3+offload"):
+        assert want in specs
+    # The rows are those --backends gives for the same specs.
+    assert rows["tp:2"] == _plan("tp:2", world=8, extra=("model.n_head=2",), device_memory=10**9).to_dict()
+    # World 3: tp:2 does not divide it; one head: tp:2 does not divide the heads. Either way a note.
+    rows, notes = plan_every_backend(load_config(None, heads2), 3)
+    assert "tp:2" not in [r.spec for r in rows] and len(rows) == len(specs) - 1
+    assert notes == ["tp:2 left out: backend.tp_size (2) must divide the world size (3)"]
+    rows, notes = plan_every_backend(load_config(None, TINY), 2)
+    assert [n.split(":")[0] for n in notes] == ["tp"] and "tp:2 left out" in notes[0]
+    assert main(["plan", "--world", "3", *heads2]) == 0
+    assert "tp:2 left out" in capsys.readouterr().out
+
+
+def test_the_configured_backend_comes_first_when_no_default_names_it():
+    from scaletrain.engines.plan import plan_every_backend
+
+    cfg = load_config(None, [*TINY, "backend=fsdp", "backend.tp_size=4", "model.n_head=4", "model.n_embd=8"])
+    rows, _ = plan_every_backend(cfg, 4)
+    assert rows[0].spec == "tp:4" and rows[0] == plan_memory(cfg, 4)

@@ -1,16 +1,19 @@
-"""`scaletrain plan --world N [--backends SPECS]`: bytes per rank for each backend, before launch.
-Imports: rich, `scaletrain.config`, `scaletrain.engines` (`plan`, `registry`), `scaletrain.errors`.
+"""`scaletrain plan --world N [--backends SPECS]`: bytes per rank for each backend, before launch;
+without --backends, every registered backend and strategy (those that do not fit the world size or
+the model are left out, with a note). Imports: rich, `scaletrain.config`, `scaletrain.engines` (`plan`,
+`registry`), `scaletrain.errors`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from scaletrain.config import load_config
-from scaletrain.engines.plan import DEFAULT_BACKENDS, Estimate, parse_backends, parse_bytes, plan_memory
+from scaletrain.engines.plan import Estimate, parse_backends, parse_bytes, plan_every_backend, plan_memory
 from scaletrain.errors import ConfigError
 
 
@@ -55,15 +58,20 @@ def run(args: argparse.Namespace) -> int:
     if args.procs_per_node is not None and args.procs_per_node < 1:
         raise ConfigError(f"--procs-per-node {args.procs_per_node}: expected a positive number")
     cfg = load_config(args.config, args.overrides, ds_config=args.ds)
-    specs = parse_backends(args.backends) if args.backends else [None]
     procs = args.procs_per_node or args.world
     if args.device_memory is not None:
         limit, where = parse_bytes(args.device_memory), "--device-memory"
     else:
         limit, where = default_device_memory(procs)
-    rows = [plan_memory(cfg, args.world, s, procs_per_node=procs, device_memory=limit) for s in specs]
+    kw = {"procs_per_node": procs, "device_memory": limit}
+    if args.backends:
+        rows, left_out = [plan_memory(cfg, args.world, s, **kw) for s in parse_backends(args.backends)], []
+    else:
+        rows, left_out = plan_every_backend(cfg, args.world, **kw)
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
+        for note in left_out:
+            print(note, file=sys.stderr)
         return 0
     from rich.console import Console
 
@@ -78,18 +86,20 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         for note in r.notes:
             console.print(f"[yellow]{r.spec}[/yellow]: {note}", highlight=False)
+    for note in left_out:
+        console.print(f"[yellow]{note}[/yellow]", highlight=False)
     return 0
 
 
 def add_command(subparsers: Any) -> None:
     p = subparsers.add_parser("plan", help="memory per rank of each backend, before launch")
     p.add_argument("--config", type=Path, help="TOML/JSON/YAML config file")
-    from scaletrain.engines.registry import DS_FLAG_HELP
+    from scaletrain.engines.registry import DS_FLAG_HELP, default_specs
 
     p.add_argument("--ds", type=Path, help=DS_FLAG_HELP)
     p.add_argument("--world", type=int, required=True, help="number of processes (ranks)")
     p.add_argument("--backends", default=None,
-                   help=f"comma-separated backend specs (default: the config's backend), e.g. {DEFAULT_BACKENDS}")
+                   help=f"comma-separated backend specs (default: every registered one: {','.join(default_specs())})")
     p.add_argument("--device-memory", default=None,
                    help="memory per device, e.g. 80GB (default: the CUDA device's, or host memory / processes)")
     p.add_argument("--procs-per-node", type=int, default=None,

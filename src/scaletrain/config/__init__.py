@@ -1,7 +1,9 @@
 """The config tree: the schema (`config.schema`) and how a config is read (`config.load`).
 
 Both halves are re-exported here, so `from scaletrain.config import Config, load_config` is the one
-spelling callers use. Imports no torch. Imports: `scaletrain.config.schema`, `scaletrain.config.load`.
+spelling callers use. The backends' own sections (`backend.fsdp`, ...) live with their backends
+(`scaletrain.engines.backends`), which register them into the schema (`schema.add_backend`).
+Imports no torch. Imports: `scaletrain.config.schema`, `scaletrain.config.load`.
 """
 
 from scaletrain.config.load import (
@@ -16,14 +18,10 @@ from scaletrain.config.load import (
 from scaletrain.config.schema import (
     MAX_SEED,
     BackendConfig,
-    BackendKind,
     CheckpointConfig,
     Config,
     DataConfig,
-    DDPConfig,
-    DeepSpeedConfig,
     EvalConfig,
-    FSDPConfig,
     LoggingConfig,
     ModelConfig,
     OptimConfig,
@@ -36,30 +34,8 @@ from scaletrain.config.schema import (
 )
 
 __all__ = [
-    "MAX_SEED",
-    "BackendConfig",
-    "BackendKind",
-    "CheckpointConfig",
-    "Config",
-    "DDPConfig",
-    "DataConfig",
-    "DeepSpeedConfig",
-    "EvalConfig",
-    "FSDPConfig",
-    "LoggingConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "Precision",
-    "RunConfig",
-    "ScheduleConfig",
-    "TrainConfig",
-    "build_config",
-    "config_to_toml",
-    "fit_schedule",
-    "load_config",
-    "parse_overrides",
-    "parse_value",
-    "read_config_file",
-    "resolve_grad_accum",
-    "valid_keys",
+    "MAX_SEED", "BackendConfig", "CheckpointConfig", "Config", "DataConfig",
+    "EvalConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "Precision",
+    "RunConfig", "ScheduleConfig", "TrainConfig", "build_config", "config_to_toml", "fit_schedule", "load_config",
+    "parse_overrides", "parse_value", "read_config_file", "resolve_grad_accum", "valid_keys",
 ]

@@ -20,6 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from scaletrain.errors import ConfigError
 
@@ -29,7 +30,6 @@ else:  # pragma: no cover
     pass
 
 Precision = Literal["bf16", "fp16", "fp32"]
-BackendKind = Literal["ddp", "fsdp", "deepspeed"]
 
 
 def _not_bool(v: Any) -> Any:
@@ -58,6 +58,9 @@ def _callable_spec(v: str | None) -> str | None:
 class _Section(BaseModel):
     # allow_inf_nan=False: `inf`/`nan` would pass `gt=0` and overflow later (timeouts, schedules).
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
+
+
+Section = _Section  # the base of every section, a backend's own (`backend.<kind>`) included
 
 
 class RunConfig(_Section):
@@ -193,34 +196,11 @@ class ScheduleConfig(_Section):
     cooldown: Int = Field(0, ge=0, description="plateau: evaluations to wait after a cut.")
 
 
-class DDPConfig(_Section):
-    bucket_cap_mb: Int = Field(25, ge=1)
-    static_graph: bool = False
-
-
-class FSDPConfig(_Section):
-    sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"] = "full_shard"
-    shard_group_size: Int | None = Field(None, ge=1, description="hybrid_shard: ranks that shard together.")
-    cpu_offload: bool = Field(False, description="Parameters, gradients and optimizer state in CPU memory.")
-    activation_checkpointing: bool = False
-    wrap_classes: tuple[str, ...] = Field(
-        (), description="Module class names to shard and checkpoint one by one (default: the model's blocks)."
-    )
-    param_dtype: Literal["bf16", "fp16", "fp32"] | None = Field(
-        None, description="Compute dtype of parameters (default: from `precision`)."
-    )
-    reduce_dtype: Literal["bf16", "fp32"] = Field("fp32", description="Dtype of gradient reduction.")
-
-
-class DeepSpeedConfig(_Section):
-    config: Path | None = Field(None, description="A DeepSpeed JSON (see ds_configs/); `--ds FILE` sets it.")
-    stage: Literal[0, 1, 2, 3] | None = Field(None, description="ZeRO stage; default 2 without a file.")
-    offload_optimizer: bool | None = None
-    offload_param: bool | None = None
-
-
 class BackendConfig(_Section):
-    kind: BackendKind = "ddp"
+    """What every backend shares. Each registered backend adds its own section, `backend.<kind>`,
+    and its name to the values `kind` takes (`add_backend`, called by `scaletrain.engines.registry`)."""
+
+    kind: str = Field("ddp", description="Which registered backend runs: ddp, fsdp, deepspeed, or one you register.")
     tp_size: Int = Field(
         1, ge=1, description="Tensor-parallel ranks per model replica (torch-native backends); the "
         "data-parallel size is world size / tp_size."
@@ -228,9 +208,56 @@ class BackendConfig(_Section):
     timeout_s: Float = Field(
         600.0, gt=0, le=30 * 86400, description="Collective timeout: a hung rank fails the job after it."
     )
-    ddp: DDPConfig = DDPConfig()
-    fsdp: FSDPConfig = FSDPConfig()
-    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+
+# The backends' own sections, in registration order: kind -> its section model (None: no section).
+# The schema names no backend; the backend registry fills this table, and each change rebuilds
+# BackendConfig (and Config, which embeds it) in place, so the classes keep their identity: configs
+# already made, pickles, `valid_keys` and `config show` all see one schema.
+_BACKENDS: dict[str, type[_Section] | None] = {}
+_SHARED_FIELDS = dict(BackendConfig.model_fields)
+
+
+def backend_kinds() -> tuple[str, ...]:
+    """The registered backend kinds, in registration order."""
+    return tuple(_BACKENDS)
+
+
+def add_backend(kind: str, section: type[_Section] | None) -> None:
+    """Let `backend.kind` take `kind`, and give it the section `backend.<kind>` (defaults filled)."""
+    if kind in _SHARED_FIELDS or not kind.isidentifier():
+        raise ValueError(f"backend kind {kind!r}: must be an identifier other than {sorted(_SHARED_FIELDS)}")
+    _BACKENDS[kind] = section
+    _rebuild_backend_schema()
+
+
+def remove_backend(kind: str) -> None:
+    _BACKENDS.pop(kind, None)
+    _rebuild_backend_schema()
+
+
+def _rebuild_backend_schema() -> None:
+    fields = dict(_SHARED_FIELDS)
+    kinds = tuple(_BACKENDS)
+    kind = _SHARED_FIELDS["kind"]
+    fields["kind"] = FieldInfo.from_annotated_attribute(
+        Literal[kinds] if kinds else str, Field(kind.default, description=kind.description))  # type: ignore[valid-type]
+    for name, section in _BACKENDS.items():
+        if section is not None:
+            fields[name] = FieldInfo.from_annotated_attribute(section, section())
+    _set_fields(BackendConfig, fields)
+    backend = FieldInfo.from_annotated_attribute(BackendConfig, BackendConfig())
+    _set_fields(Config, {**Config.model_fields, "backend": backend})
+
+
+def _set_fields(model: type[BaseModel], fields: dict[str, FieldInfo]) -> None:
+    # pydantic >= 2.10 keeps a model's fields in __pydantic_fields__ (model_fields reads it); older
+    # releases in model_fields itself. A forced rebuild makes the validator and serializer anew.
+    if "__pydantic_fields__" in vars(model):
+        model.__pydantic_fields__ = fields
+    else:  # pragma: no cover
+        model.model_fields = fields  # type: ignore[misc]
+    model.model_rebuild(force=True)
 
 
 class CheckpointConfig(_Section):

@@ -7,7 +7,8 @@ loads natively.
 
 How: the target engine runs on `--world` local CPU processes over gloo (a fresh process group of its
 own; torch-native targets default to 1 process, since their DCP tag reshards to any world on load;
-DeepSpeed targets need `--world`, since its files are one partition per rank). Each process builds the
+a backend whose files are one partition per rank, DeepSpeed's, declares it (`Backend.fixed_world`)
+and needs `--world`). Each process builds the
 engine from the tag's own config (meta.json) with SPEC's overrides, loads the tag through the portable
 route (the same code a converting resume runs, so the result resumes identically), and the engine
 saves it through `CheckpointManager.save`: written beside, hashed, meta.json written last, renamed
@@ -62,28 +63,15 @@ def _verified_meta(tag: Path) -> dict[str, Any]:
 
 
 def target_config(meta: dict[str, Any], spec: str) -> Any:
-    """The tag's own config with the target backend of `spec`."""
-    from scaletrain.config import build_config, parse_overrides
-    from scaletrain.engines.registry import spec_overrides
+    """The tag's own config with the target backend of `spec`, as a whole (`registry.spec_tree`)."""
+    from scaletrain.config import build_config
+    from scaletrain.engines.registry import spec_tree
 
     tree = json.loads(json.dumps(meta.get("config") or {}))
     if not tree:
         raise CheckpointError("convert: the tag's meta.json holds no config; it was not written by `scaletrain train`")
     tree.setdefault("model", {})["init_from"] = None  # the weights come from the tag
-    backend = tree.setdefault("backend", {})
-    backend["tp_size"] = 1
-    backend.get("fsdp", {}).update(sharding="full_shard", cpu_offload=False)
-    ds = backend.setdefault("deepspeed", {})
-    ds.update(offload_optimizer=False, offload_param=False)
-    overrides = [f"{k}={v}" for k, v in spec_overrides(spec).items()]
-
-    def merge(a: dict, b: dict) -> dict:
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        return out
-
-    return build_config(merge(tree, parse_overrides(overrides)))
+    return build_config(spec_tree(tree, spec))
 
 
 def _worker(rank: int, world: int, port: int, parent: int, args: tuple, results: Any) -> None:
@@ -145,14 +133,14 @@ def _convert_rank(tag: Path, meta: dict[str, Any], spec: str, out: Path) -> str 
 
 def convert(ckpt: Path, spec: str, *, world: int | None = None, out: Path | None = None,
             timeout_s: float = TIMEOUT_S) -> Path:
-    from scaletrain.engines.registry import spec_overrides
+    from scaletrain.engines.registry import fixed_world
 
     tag = _resolve_tag(Path(ckpt))
-    kind = spec_overrides(spec)["backend.kind"]  # a bad spec fails here, before anything is read
+    why = fixed_world(spec)  # a bad spec fails here, before anything is read
     if world is None:
-        if kind == "deepspeed":
-            raise ConfigError(f"convert --to {spec}: DeepSpeed files are one partition per rank; pass --world N, "
-                              "the number of processes the run will resume on")
+        if why:
+            raise ConfigError(f"convert --to {spec}: {why}; pass --world N, the number of processes the run "
+                              "will resume on")
         world = 1
     if world < 1:
         raise ConfigError(f"convert --world {world}: must be at least 1")

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from scaletrain.checkpoint import deepspeed_state, portable
-from scaletrain.config import DeepSpeedConfig, OptimConfig
+from scaletrain.config import OptimConfig
 from scaletrain.engines.base import Engine, EngineSpec, StepStats
 from scaletrain.engines.ds_config import HARNESS_SECTIONS, offload_on
 from scaletrain.engines.grads import layer_grad_norms
@@ -60,10 +60,11 @@ class DeepSpeedEngine(Engine):
 
     checkpoint_format = "deepspeed"
 
-    def __init__(self, spec: EngineSpec, ds_cfg: DeepSpeedConfig, resolve: Callable[..., dict[str, Any]],
+    def __init__(self, spec: EngineSpec, ds_cfg: Any, resolve: Callable[..., dict[str, Any]],
                  optim: OptimConfig):
         """`resolve(hidden_size=None)` gives the DeepSpeed config (`ds_config.resolve_ds_config`, with
-        ds_cfg's stage and offload flags merged in); ZeRO-3 asks again with the model's width."""
+        the `backend.deepspeed` section `ds_cfg`'s stage and offload flags merged in); ZeRO-3 asks again
+        with the model's width."""
         super().__init__(spec)
         _quiet_deepspeed()
         config = _strip(resolve())

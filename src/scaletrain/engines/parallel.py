@@ -16,7 +16,8 @@ Each function takes only the settings it needs, by keyword. FSDP strategies map 
   no_shard       (world, 1): every rank holds everything, gradients are all-reduced
 
 The tensor-parallel dim is the innermost (fastest-varying) one, so the ranks of one TP group are
-neighbours (one host, NVLink) and read the same micro-batch. Imports: torch, `scaletrain.config`,
+neighbours (one host, NVLink) and read the same micro-batch. The settings come in as the backends'
+sections, read through the `DDPSettings` / `FSDPSettings` protocols. Imports: torch,
 `scaletrain.dist`, `scaletrain.errors`, `scaletrain.model.build`, `scaletrain.engines.tensor_parallel`. Not: engines, loop.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -34,7 +36,6 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.nn.parallel import DistributedDataParallel
 
 from scaletrain import dist
-from scaletrain.config import DDPConfig, FSDPConfig
 from scaletrain.errors import ConfigError
 from scaletrain.model.build import block_classes
 
@@ -43,13 +44,32 @@ log = logging.getLogger(__name__)
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+class DDPSettings(Protocol):
+    """What `apply_ddp` reads: the `backend.ddp` section (`engines.backends.ddp.DDPConfig`)."""
+
+    bucket_cap_mb: int
+    static_graph: bool
+
+
+class FSDPSettings(Protocol):
+    """What the FSDP functions read: the `backend.fsdp` section (`engines.backends.fsdp.FSDPConfig`)."""
+
+    sharding: str
+    shard_group_size: int | None
+    cpu_offload: bool
+    activation_checkpointing: bool
+    wrap_classes: tuple[str, ...]
+    param_dtype: str | None
+    reduce_dtype: str
+
+
 def local_world_size() -> int:
     """Collective. Ranks on this host, from the hosts every rank reports (launcher-independent)."""
     hosts = dist.all_gather_object(socket.gethostname())
     return hosts.count(socket.gethostname())
 
 
-def dp_mesh_shape(cfg: FSDPConfig, dp_size: int, local_size: int) -> tuple[int, int] | None:
+def dp_mesh_shape(cfg: FSDPSettings, dp_size: int, local_size: int) -> tuple[int, int] | None:
     """(replicate, shard) sizes of a 2-D data-parallel mesh, or None for a 1-D one over every dp rank."""
     if cfg.sharding == "no_shard":
         return (dp_size, 1)
@@ -64,7 +84,7 @@ def dp_mesh_shape(cfg: FSDPConfig, dp_size: int, local_size: int) -> tuple[int, 
     return (dp_size // shard, shard)
 
 
-def build_mesh(ctx: dist.DistContext, *, fsdp: FSDPConfig | None, tp_size: int) -> DeviceMesh:
+def build_mesh(ctx: dist.DistContext, *, fsdp: FSDPSettings | None, tp_size: int) -> DeviceMesh:
     """Collective (it creates process groups). Dims: "shard" or ("replicate", "shard"), then "tp"."""
     dp_size = ctx.world_size // tp_size
     shape = None
@@ -106,7 +126,7 @@ def apply_compile(blocks: list[nn.Module]) -> None:
         block.compile()
 
 
-def mixed_precision(cfg: FSDPConfig, precision: str) -> MixedPrecisionPolicy:
+def mixed_precision(cfg: FSDPSettings, precision: str) -> MixedPrecisionPolicy:
     """Compute dtype from `precision` unless backend.fsdp.param_dtype says otherwise; fp32 reduction
     by default. fp16 parameters get fp32 gradient reduction too: the loss scaler unscales fp32 grads."""
     param = DTYPES[cfg.param_dtype or precision]
@@ -115,7 +135,7 @@ def mixed_precision(cfg: FSDPConfig, precision: str) -> MixedPrecisionPolicy:
     )
 
 
-def apply_fsdp(model: nn.Module, blocks: list[nn.Module], cfg: FSDPConfig, *, mesh: DeviceMesh,
+def apply_fsdp(model: nn.Module, blocks: list[nn.Module], cfg: FSDPSettings, *, mesh: DeviceMesh,
                precision: str, device_type: str) -> None:
     """fully_shard each block, then the root, over the data-parallel dims of `mesh`."""
     if not blocks:
@@ -132,7 +152,7 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], cfg: FSDPConfig, *, me
     fully_shard(model, **common)  # the root keeps its parameters gathered after forward by default
 
 
-def apply_ddp(model: nn.Module, cfg: DDPConfig, *, device: torch.device, compile: bool) -> Callable:
+def apply_ddp(model: nn.Module, cfg: DDPSettings, *, device: torch.device, compile: bool) -> Callable:
     """Replicate over every rank; returns the callable that runs forward (the DDP wrapper).
 
     The wrapper is compiled rather than the inner module, so DDP's bucketing still sees graph breaks."""

@@ -1,12 +1,22 @@
-"""The backend registry: what the loop and the CLI must not know about any one backend.
+"""The backend registry: it collects backends, and nothing else here knows one from another.
 
-Each backend registers `validate(cfg, world_size)` (run on every rank before any process group
-exists, so bad input fails identically everywhere), `build(spec, cfg)` (imports its engine module
-only when chosen, so a DDP run never imports deepspeed) and the checkpoint format it writes. Adding
-a backend is its own engine file plus one entry in `BACKENDS`.
+Each backend is one object (`scaletrain.engines.backends.base.Backend`) in its own module that declares
+its spec grammar, its config section, `validate(cfg, world_size)` (pure, before any process group),
+`build(spec, cfg)` (collective; imports torch and its engine module only then, so a DDP run never
+imports deepspeed), its memory planner and its checkpoint format. Adding a backend is one module and
+one `register(MyBackend())` call, from anywhere (a test registers a toy one); the built-ins (`ddp`,
+`fsdp` with tensor parallel, `deepspeed`) register when this module is imported.
+
+How the config schema learns the backends without the ground floor importing engines: `register`
+hands the backend's kind and section to `scaletrain.config.schema.add_backend`, which rebuilds the
+`backend` section in place (`backend.kind` takes the registered kinds; `backend.<kind>.*` is the
+backend's own model). So that every `load_config` / `build_config` sees the built-ins, the package's
+own `scaletrain/__init__.py`, the top of the layering (with `cli` and `api`) and the one module every
+import of scaletrain runs first, imports this module. That import points down; config never names
+engines, and this module and the backend modules import no torch at import time.
 
 Backend specs are the one short spelling every command uses for a backend (lists of backends to
-compare, a conversion target):
+compare, a conversion target); `SPEC_HELP` gathers each backend's part:
 
     ddp                       DistributedDataParallel
     fsdp[:STRATEGY]           FSDP2; STRATEGY = full_shard (default) | shard_grad_op | hybrid_shard | no_shard
@@ -15,102 +25,57 @@ compare, a conversion target):
     ...+offload               suffix: optimizer state (ZeRO, FSDP) and, at ZeRO-3, parameters on the CPU
 
 `spec_overrides("fsdp:hybrid_shard")` gives the config overrides a spec stands for; `spec_of(cfg)`
-names a config's backend the same way (recorded in meta.json). Imports: `scaletrain.config`,
-`scaletrain.errors`; `scaletrain.engines.ds_config`, `scaletrain.engines.tensor_parallel` and `scaletrain.engines` (torch)
-only inside functions.
+names a config's backend the same way (recorded in meta.json; a run resolves it once). Imports:
+`scaletrain.config`, `scaletrain.errors`, `scaletrain.engines.backends` (`base`, `ddp`, `fsdp`,
+`deepspeed`), `scaletrain.engines.base` (types only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, get_args
+import copy
+from typing import TYPE_CHECKING, Any
 
-from scaletrain.config import Config, FSDPConfig
+from scaletrain.config import Config
+from scaletrain.config import schema as _schema
+from scaletrain.engines.backends import ddp as _ddp
+from scaletrain.engines.backends import deepspeed as _deepspeed
+from scaletrain.engines.backends import fsdp as _fsdp
+from scaletrain.engines.backends.base import Backend, SpecError
+from scaletrain.engines.backends.deepspeed import DS_FLAG_HELP as DS_FLAG_HELP  # the `--ds FILE` flag's help
 from scaletrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from scaletrain.engines.base import Engine, EngineSpec
 
-FSDP_STRATEGIES: tuple[str, ...] = get_args(FSDPConfig.model_fields["sharding"].annotation)
-# Help of the launcher flag that selects DeepSpeed with a JSON file (`--ds FILE`), kept with the backends.
-DS_FLAG_HELP = "DeepSpeed JSON: selects backend=deepspeed with that config (see ds_configs/)"
-SPEC_HELP = "ddp, fsdp[:full_shard|shard_grad_op|hybrid_shard|no_shard], tp:N, deepspeed[:1|2|3], each optionally +offload"
+# kind -> backend, in registration order; spec word -> backend.
+BACKENDS: dict[str, Backend] = {}
+_SPEC_WORDS: dict[str, Backend] = {}
+OFFLOAD_SUFFIX = "+offload"
 
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    validate: Callable[[Config, int], None]
-    build: Callable[[EngineSpec, Config], Engine]
-    checkpoint_format: Callable[[Config], str]  # what meta.json records and consolidate reads
+def register(new: Backend, *, replace: bool = False) -> Backend:
+    """Add a backend: its kind to `backend.kind`, its section to the config, its spec words to the
+    grammar. A kind or spec word another backend holds is refused unless `replace=True`."""
+    if BACKENDS.get(new.kind) is new:
+        return new
+    clash = {b for w in (new.kind, *new.spec_words) if (b := BACKENDS.get(w) or _SPEC_WORDS.get(w)) is not None}
+    if clash and not replace:
+        names = sorted(b.kind for b in clash)
+        raise ValueError(f"backend {new.kind!r}: its kind or spec words are taken by {names}; pass replace=True")
+    for old in clash:
+        unregister(old.kind)
+    BACKENDS[new.kind] = new
+    _SPEC_WORDS.update(dict.fromkeys(new.spec_words, new))
+    _schema.add_backend(new.kind, new.config_section)
+    return new
 
 
-# ---------------------------------------------------------------------------------------------
-# validation (pure: no torch, no process group)
-
-
-def _validate_torch(cfg: Config, world_size: int) -> None:
-    tp = cfg.backend.tp_size
-    if world_size % tp:
-        raise ConfigError(f"backend.tp_size ({tp}) must divide the world size ({world_size})")
-    if tp > 1 and cfg.backend.kind != "fsdp":
-        raise ConfigError(f"backend.tp_size={tp} composes with backend=fsdp (FSDP over the data-parallel "
-                          f"ranks), not backend={cfg.backend.kind}; use backend=fsdp or the spec tp:{tp}")
-    if tp > 1 and cfg.model.factory is None:
-        from scaletrain.engines.tensor_parallel import validate_builtin
-
-        validate_builtin(cfg.model.n_head, cfg.model.n_embd, tp, world_size)
-
-
-def _validate_fsdp(cfg: Config, world_size: int) -> None:
-    _validate_torch(cfg, world_size)
-    fsdp, dp = cfg.backend.fsdp, world_size // cfg.backend.tp_size
-    if fsdp.sharding == "hybrid_shard" and fsdp.shard_group_size and dp % fsdp.shard_group_size:
-        raise ConfigError(f"backend.fsdp.shard_group_size ({fsdp.shard_group_size}) must divide the data-parallel "
-                          f"size ({dp}); set it to a divisor, e.g. the GPUs per node")
-
-
-def _validate_deepspeed(cfg: Config, world_size: int) -> None:
-    if cfg.backend.tp_size > 1:
-        raise ConfigError("backend.tp_size > 1 is not supported with backend=deepspeed; use backend=fsdp for "
-                          "tensor parallel")
-    from scaletrain.engines.ds_config import resolve_ds_config
-
-    resolve_ds_config(cfg, world_size=world_size)  # its JSON's "auto" values and conflicts
-
-
-# ---------------------------------------------------------------------------------------------
-# builders (collective: wrapping a model is collective under every backend)
-
-
-def _build_ddp(spec: EngineSpec, cfg: Config) -> Engine:
-    from scaletrain.engines.torch_native import TorchNativeEngine
-
-    return TorchNativeEngine(spec, ddp=cfg.backend.ddp, tp_size=cfg.backend.tp_size)
-
-
-def _build_fsdp(spec: EngineSpec, cfg: Config) -> Engine:
-    from scaletrain.engines.torch_native import TorchNativeEngine
-
-    return TorchNativeEngine(spec, fsdp=cfg.backend.fsdp, tp_size=cfg.backend.tp_size)
-
-
-def _build_deepspeed(spec: EngineSpec, cfg: Config) -> Engine:
-    from scaletrain.engines.deepspeed_zero import DeepSpeedEngine
-    from scaletrain.engines.ds_config import resolve_ds_config
-
-    def resolve(hidden_size: int | None = None) -> dict:
-        return resolve_ds_config(cfg, world_size=spec.ctx.world_size, hidden_size=hidden_size)
-
-    return DeepSpeedEngine(spec, cfg.backend.deepspeed, resolve, cfg.optim)
-
-
-BACKENDS: dict[str, Backend] = {
-    "ddp": Backend("ddp", _validate_torch, _build_ddp, lambda cfg: cfg.checkpoint.format),
-    "fsdp": Backend("fsdp", _validate_fsdp, _build_fsdp, lambda cfg: cfg.checkpoint.format),
-    "deepspeed": Backend("deepspeed", _validate_deepspeed, _build_deepspeed, lambda cfg: "deepspeed"),
-}
+def unregister(kind: str) -> None:
+    """Remove a registered backend (tests that register their own clean up with it)."""
+    gone = BACKENDS.pop(kind, None)
+    for word in [w for w, b in _SPEC_WORDS.items() if b is gone]:
+        del _SPEC_WORDS[word]
+    _schema.remove_backend(kind)
 
 
 def backend(cfg: Config) -> Backend:
@@ -120,6 +85,16 @@ def backend(cfg: Config) -> Backend:
 def validate(cfg: Config, world_size: int) -> None:
     """Everything a backend can check before any process group exists. Raises ConfigError."""
     backend(cfg).validate(cfg, world_size)
+
+
+def build_engine(spec: EngineSpec, cfg: Config) -> Engine:
+    """Collective."""
+    return backend(cfg).build(spec, cfg)
+
+
+def checkpoint_format(cfg: Config) -> str:
+    """What the configured backend writes (meta.json `format`)."""
+    return backend(cfg).checkpoint_format(cfg)
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
@@ -133,67 +108,72 @@ def data_parallel_rank(cfg: Config, rank: int) -> int:
     return rank // cfg.backend.tp_size
 
 
-def build_engine(spec: EngineSpec, cfg: Config) -> Engine:
-    """Collective."""
-    return backend(cfg).build(spec, cfg)
-
-
 # ---------------------------------------------------------------------------------------------
 # backend specs
 
 
+def spec_help() -> str:
+    return ", ".join(b.spec_help for b in BACKENDS.values()) + ", each optionally +offload"
+
+
+def __getattr__(name: str) -> str:
+    if name == "SPEC_HELP":  # computed, so a backend registered later is listed too
+        return spec_help()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _bad_spec(spec: str, why: str) -> ConfigError:
-    return ConfigError(f"backend spec {spec!r}: {why}; valid specs: {SPEC_HELP}")
+    return ConfigError(f"backend spec {spec!r}: {why}; valid specs: {spec_help()}")
+
+
+def _parse(spec: str) -> tuple[Backend, dict[str, Any]]:
+    text = spec.strip().lower()
+    offload = text.endswith(OFFLOAD_SUFFIX)
+    word, _, arg = text.removesuffix(OFFLOAD_SUFFIX).partition(":")
+    owner = _SPEC_WORDS.get(word)
+    if owner is None:
+        raise _bad_spec(spec, "unknown backend")
+    try:
+        return owner, owner.parse_spec(word, arg, offload)
+    except SpecError as e:
+        raise _bad_spec(spec, str(e)) from None
 
 
 def spec_overrides(spec: str) -> dict[str, Any]:
     """The dotted config overrides a backend spec stands for, e.g. {"backend.kind": "fsdp", ...}."""
-    text = spec.strip().lower()
-    text, offload = (text[: -len("+offload")], True) if text.endswith("+offload") else (text, False)
-    kind, _, arg = text.partition(":")
-    out: dict[str, Any] = {}
-    if kind == "ddp" and not arg:
-        out["backend.kind"] = "ddp"
-        if offload:
-            raise _bad_spec(spec, "ddp has no offload")
-    elif kind == "fsdp":
-        if arg and arg not in FSDP_STRATEGIES:
-            raise _bad_spec(spec, f"unknown FSDP strategy {arg!r}")
-        out = {"backend.kind": "fsdp", "backend.fsdp.sharding": arg or "full_shard"}
-        if offload:
-            out["backend.fsdp.cpu_offload"] = True
-    elif kind == "tp":
-        if not arg.isdigit() or int(arg) < 1:
-            raise _bad_spec(spec, "tp needs a size, e.g. tp:2")
-        out = {"backend.kind": "fsdp", "backend.tp_size": int(arg)}
-        if offload:
-            out["backend.fsdp.cpu_offload"] = True
-    elif kind == "deepspeed":
-        if arg and arg not in ("1", "2", "3"):
-            raise _bad_spec(spec, f"unknown ZeRO stage {arg!r}")
-        out = {"backend.kind": "deepspeed", "backend.deepspeed.stage": int(arg or 2)}
-        if offload:
-            out["backend.deepspeed.offload_optimizer"] = True
-            out["backend.deepspeed.offload_param"] = int(arg or 2) == 3
-    else:
-        raise _bad_spec(spec, "unknown backend")
-    return out
+    return _parse(spec)[1]
 
 
 def spec_of(cfg: Config) -> str:
     """The canonical spec of a config's backend: `ddp`, `fsdp:hybrid_shard`, `tp:2`, `deepspeed:3+offload`."""
-    b = cfg.backend
-    if b.kind == "ddp":
-        return "ddp"
-    if b.kind == "fsdp":
-        base = f"tp:{b.tp_size}" if b.tp_size > 1 else f"fsdp:{b.fsdp.sharding}"
-        return base + ("+offload" if b.fsdp.cpu_offload else "")
-    ds = b.deepspeed
-    stage, offload = (ds.stage if ds.stage is not None else 2), bool(ds.offload_optimizer)
-    if ds.config is not None:
-        from scaletrain.engines.ds_config import offload_on, read_ds_json
+    return backend(cfg).spec_of(cfg)
 
-        zero = read_ds_json(ds.config).get("zero_optimization", {})
-        stage = ds.stage if ds.stage is not None else zero.get("stage", 2)
-        offload = ds.offload_optimizer if ds.offload_optimizer is not None else offload_on(zero, "offload_optimizer")
-    return f"deepspeed:{stage}" + ("+offload" if offload else "")
+
+def spec_tree(tree: dict[str, Any], spec: str) -> dict[str, Any]:
+    """A config tree (as `Config.to_json_dict` gives it) with the backend `spec` names, as a whole: every
+    key any backend's spec may set starts from what a spec that does not set it means, then the spec's
+    own overrides apply. Other settings (the DeepSpeed JSON, FSDP's wrap classes) stay."""
+    out = copy.deepcopy(tree)
+    resets = {k: v for b in BACKENDS.values() for k, v in b.spec_resets.items()}
+    for key, value in {**resets, **spec_overrides(spec)}.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def fixed_world(spec: str) -> str | None:
+    """None, or why the checkpoints of `spec`'s backend hold one partition per rank (so a conversion
+    to it needs the world size the run will resume on)."""
+    return _parse(spec)[0].fixed_world
+
+
+def default_specs() -> list[str]:
+    """What `scaletrain plan` lists without --backends: every registered backend's own list."""
+    return [s for b in BACKENDS.values() for s in b.default_specs]
+
+
+for _builtin in (_ddp.DDPBackend(), _fsdp.FSDPBackend(), _deepspeed.DeepSpeedBackend()):
+    register(_builtin)

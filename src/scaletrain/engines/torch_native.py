@@ -7,8 +7,7 @@ functions of `scaletrain.engines.parallel` over one device mesh, in torchtitan's
 activation checkpointing, compile, then FSDP (or DDP). Checkpoints go through
 `checkpoint.torch_state`, so every strategy reads every other's files at any world size; a DeepSpeed
 tag is converted on the way in by `checkpoint.portable` (weights and AdamW state by parameter name).
-Imports: torch, `scaletrain.engines`, `scaletrain.engines.parallel`, `scaletrain.model.materialize`, `scaletrain.checkpoint`,
-`scaletrain.config`.
+Imports: torch, `scaletrain.engines`, `scaletrain.engines.parallel`, `scaletrain.model.materialize`, `scaletrain.checkpoint`.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import torch
 import torch.nn as nn
 
 from scaletrain.checkpoint import portable, torch_state
-from scaletrain.config import DDPConfig, FSDPConfig
 from scaletrain.engines import parallel
 from scaletrain.engines.base import Engine, EngineSpec, StepStats
 from scaletrain.engines.grads import (
@@ -41,14 +39,16 @@ log = logging.getLogger(__name__)
 
 
 class TorchNativeEngine(Engine):
-    """DDP when `fsdp` is None, else FSDP2 with the given strategy; tensor parallel when tp_size > 1."""
+    """DDP with the `ddp` settings, or FSDP2 with the `fsdp` ones (exactly one of them); tensor parallel
+    (under FSDP) when tp_size > 1."""
 
     name = "torch"
     supports_async_save = True
 
-    def __init__(self, spec: EngineSpec, *, ddp: DDPConfig | None = None, fsdp: FSDPConfig | None = None,
-                 tp_size: int = 1) -> None:
+    def __init__(self, spec: EngineSpec, *, ddp: parallel.DDPSettings | None = None,
+                 fsdp: parallel.FSDPSettings | None = None, tp_size: int = 1) -> None:
         super().__init__(spec)
+        assert (ddp is None) != (fsdp is None) and (fsdp is not None or tp_size == 1), "ddp or fsdp, tp under fsdp"
         self.name = ("fsdp" if fsdp is not None else "ddp") + (f"+tp{tp_size}" if tp_size > 1 else "")
         self.checkpoint_format = spec.checkpoint_format
         sharded = fsdp is not None or tp_size > 1
@@ -57,10 +57,10 @@ class TorchNativeEngine(Engine):
         if self.mesh is None:  # replicated: every rank builds the whole model, with the same values
             model = build_initialized(spec.model_factory, device=spec.ctx.device, seed=spec.seed,
                                       source=spec.init_from)
-            self._fwd = parallel.apply_ddp(model, ddp or DDPConfig(), device=spec.ctx.device, compile=spec.compile)
+            self._fwd = parallel.apply_ddp(model, ddp, device=spec.ctx.device, compile=spec.compile)
         else:  # sharded: built on meta, parallelised, then each rank materialises its own pieces
             model = build_on_meta(spec.model_factory)
-            self._fwd = self._parallelize(model, fsdp=fsdp or FSDPConfig(), tp_size=tp_size)
+            self._fwd = self._parallelize(model, fsdp=fsdp, tp_size=tp_size)
             offload = fsdp is not None and fsdp.cpu_offload
             materialize(model, device=torch.device("cpu") if offload else spec.ctx.device, seed=spec.seed,
                         source=spec.init_from)
@@ -74,7 +74,7 @@ class TorchNativeEngine(Engine):
                      self.mesh.shape)), ", cpu offload" if fsdp.cpu_offload else "",
                      ", activation checkpointing" if fsdp.activation_checkpointing else "")
 
-    def _parallelize(self, model: nn.Module, *, fsdp: FSDPConfig, tp_size: int) -> Callable:
+    def _parallelize(self, model: nn.Module, *, fsdp: parallel.FSDPSettings, tp_size: int) -> Callable:
         """Collective. Compose the sharded strategy on a meta model; returns the callable that runs forward."""
         spec = self.spec
         if tp_size > 1:
