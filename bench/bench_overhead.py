@@ -200,13 +200,16 @@ def _bare_worker(args: argparse.Namespace) -> dict[str, Any]:
             loss.item()
             it[0] += 1
 
-    times = _time_blocks(args, steps, tdist.barrier)
+    if args.profile:
+        result = _profile(args, rank == 0, steps, tdist.barrier, side="bare")
+    else:
+        result = {"times": _time_blocks(args, steps, tdist.barrier), "is_main": rank == 0}
     tdist.destroy_process_group()
-    return {"times": times, "is_main": rank == 0}
+    return result
 
 
-def _profile(args: argparse.Namespace, is_main: bool, steps, barrier) -> dict[str, Any]:
-    """cProfile one block of the harness side on every rank; rank 0's tables go to stderr."""
+def _profile(args: argparse.Namespace, is_main: bool, steps, barrier, side: str = "harness") -> dict[str, Any]:
+    """cProfile one block of one side on every rank; rank 0's tables go to stderr."""
     import cProfile
     import io
     import pstats
@@ -224,7 +227,7 @@ def _profile(args: argparse.Namespace, is_main: bool, steps, barrier) -> dict[st
     stats.sort_stats("tottime").print_stats(25)
     stats.sort_stats("cumulative").print_stats(40)
     if is_main:
-        print(f"==== {args.backend} {args.size} harness: {1000 * sec:.1f} ms/step under cProfile ====\n"
+        print(f"==== {args.backend} {args.size} {side}: {1000 * sec:.1f} ms/step under cProfile ====\n"
               f"{buf.getvalue()}", file=sys.stderr, flush=True)
     return {"times": [sec], "is_main": is_main}
 
@@ -239,7 +242,8 @@ def _side(args: argparse.Namespace, side: str, pair: int, tmp: str) -> float | N
            "--steps", str(args.steps), "--blocks", str(args.blocks), "--warmup", str(args.warmup),
            "--timeout", str(args.timeout), "--data", args.data, "--tmp", tmp, "--result", str(result),
            *(["--profile"] if args.profile else [])]
-    rc = run_torchrun(cmd, {**os.environ, "OMP_NUM_THREADS": "1"}, args.timeout)
+    extra = dict(kv.split("=", 1) for kv in args.harness_env) if side == "harness" else {}
+    rc = run_torchrun(cmd, {**os.environ, "OMP_NUM_THREADS": "1", **extra}, args.timeout)
     if rc != 0 or not result.is_file():
         print(f"{args.backend} {side} pair {pair}: FAILED ({'timed out' if rc == -1 else f'exit {rc}'})",
               file=sys.stderr)
@@ -303,7 +307,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--blocks", type=int, default=3, help="timed blocks per process (their median is the side's)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--timeout", type=float, default=1200, help="seconds per torchrun before it is killed")
-    p.add_argument("--profile", action="store_true", help="cProfile one block of the harness side instead")
+    p.add_argument("--profile", action="store_true", help="cProfile one block of each side instead of timing")
+    p.add_argument("--harness-env", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="environment of the harness side only, e.g. MALLOC_MMAP_THRESHOLD_=131072 to price a setting")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure each backend's peak RSS against DDP's (bench_memory's run phase)")
     p.add_argument("--memory-size", choices=sorted(MEMORY_SIZES), default="151m")
